@@ -1,0 +1,38 @@
+# The README's two commands: `make run` and `make test`. Both work on a fresh machine.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+CONFIG ?= hedwig.toml
+
+.PHONY: run test lint typecheck pytest bench clean
+
+$(BIN)/hedwigpy: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e .
+	touch $@
+
+$(VENV)/.test-extras: $(BIN)/hedwigpy
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@
+
+run: $(BIN)/hedwigpy
+	$(BIN)/hedwigpy serve -c $(CONFIG)
+
+lint: $(VENV)/.test-extras
+	$(BIN)/ruff check hedwigpy tests bench
+	$(BIN)/ruff format --check hedwigpy tests bench
+
+typecheck: $(VENV)/.test-extras
+	$(BIN)/mypy
+
+pytest: $(VENV)/.test-extras
+	$(BIN)/python -m pytest -q
+
+test: lint typecheck pytest
+
+bench: $(VENV)/.test-extras
+	$(BIN)/python -m bench.smtp_accept
+
+clean:
+	rm -rf $(VENV) var/ .mypy_cache .ruff_cache

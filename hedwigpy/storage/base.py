@@ -1,0 +1,108 @@
+"""The spool's vocabulary: message ids, envelopes, states, and the `Storage` protocol.
+
+Backends (filesystem for the daemon, memory for unit tests) implement `Storage`. Everything here is
+plain data so the SMTP session, the REST API and the worker share one description of a message.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+class State(enum.StrEnum):
+    """Where a message is in its life; each is a directory of the filesystem spool."""
+
+    QUEUED = "queued"
+    DEFERRED = "deferred"
+    HELD = "held"
+    BOUNCED = "bounced"
+    CORRUPT = "corrupt"
+
+
+def new_message_id(now_ns: int | None = None) -> str:
+    """A 24-character id that sorts by creation time: 16 hex digits of nanoseconds + 8 random hex.
+
+    Sortable ids let `queue list` and the scheduler rebuild order from file names alone.
+    """
+    ns = time.time_ns() if now_ns is None else now_ns
+    return f"{ns:016x}{os.urandom(4).hex()}"
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """What the SMTP transaction (or the REST call) said about a message, besides its bytes."""
+
+    sender: str  # "" is the null sender <>
+    recipients: tuple[str, ...]
+    body_type: str = "7BIT"  # 7BIT | 8BITMIME | BINARYMIME, from MAIL BODY=
+    smtputf8: bool = False
+    received_at: float = field(default_factory=time.time)
+    client_addr: str = ""  # "ip:port" of the peer, "" for REST/local
+    helo: str = ""
+    listener: str = ""  # listener name, or "http"
+    auth_user: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StoredMessage:
+    """A spooled message's metadata; the body is read separately (it can be large)."""
+
+    id: str
+    state: State
+    envelope: Envelope
+    size: int  # bytes of message content (headers + body)
+
+
+class StorageError(Exception):
+    """Any failure to store or read; the SMTP layer turns it into 451 4.3.0 / 452 4.3.1."""
+
+
+class InsufficientSpace(StorageError):
+    """The spool's filesystem lacks room for another message (452 4.3.1 at MAIL FROM)."""
+
+
+class MessageWriter(Protocol):
+    """Streams one message into the spool; invisible to readers until `commit` returns."""
+
+    message_id: str
+
+    async def write(self, data: bytes) -> None:
+        """Append content bytes; may buffer, may hit the disk. Raises StorageError."""
+
+    async def commit(self) -> StoredMessage:
+        """Make the message durable (file and directory entry fsynced) in `queued/`."""
+
+    async def abort(self) -> None:
+        """Discard everything written; safe to call after a failed write or twice."""
+
+
+class Storage(Protocol):
+    """A durable spool of messages, one data file each, moved between `State` directories."""
+
+    async def open(self) -> None:
+        """Create directories, sweep `tmp/` of torn writes, quarantine unreadable files."""
+
+    def check_space(self, needed: int) -> None:
+        """Raise InsufficientSpace unless `needed` bytes (plus the reserve) are free. Cheap, sync."""
+
+    def writer(self, envelope: Envelope, message_id: str | None = None) -> MessageWriter:
+        """Start a new message; nothing touches the disk until data arrives or commit."""
+
+    async def get(self, message_id: str) -> StoredMessage | None: ...
+
+    def read_content(self, message_id: str) -> AsyncIterator[bytes]:
+        """The message content in chunks (headers + body, exactly as committed)."""
+
+    async def list(self, state: State) -> list[StoredMessage]: ...
+
+    async def move(self, message_id: str, to: State) -> None:
+        """Atomically change a message's state (a rename, then a directory fsync)."""
+
+    async def delete(self, message_id: str) -> None: ...
+
+    async def close(self) -> None: ...

@@ -144,11 +144,6 @@ class CommandError(Event):
 
 
 @dataclass(frozen=True, slots=True)
-class EarlyTalker(Event):
-    """The client sent bytes before the greeting (needs a reply; the caller then closes)."""
-
-
-@dataclass(frozen=True, slots=True)
 class ConnectionClosed(Event):
     """The peer closed its side (no reply)."""
 

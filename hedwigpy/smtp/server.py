@@ -88,6 +88,12 @@ class ServerConnection:
         else:
             self._lines.feed(data)
 
+    @property
+    def talked_early(self) -> bool:
+        """The client sent bytes before the greeting (an SMTP synchronisation error; the caller
+        normally greets such a client with 554 instead of 220)."""
+        return self._early
+
     def greet(self, reply: Reply) -> bytes:
         """Send the banner (220, or 421/554 to refuse the connection)."""
         if self.state is not State.GREETING:
@@ -114,9 +120,6 @@ class ServerConnection:
             return ev.NEED_DATA
         if state is State.GREETING:
             return ev.ConnectionClosed() if self._eof else ev.NEED_DATA
-        if self._early:
-            self._early = False
-            return self._expect(ev.EarlyTalker())
         if state is State.DATA:
             return self._next_data_event()
         if state is State.BDAT:
@@ -335,7 +338,7 @@ class ServerConnection:
             else:
                 self.authenticated = reply.code == 235
                 self.state = State.READY
-        elif isinstance(event, (ev.Quit, ev.EarlyTalker)):
+        elif isinstance(event, ev.Quit):
             self.state = State.CLOSED
         elif self.state is State.AUTH:  # a CommandError inside SASL ends the exchange
             self.state = State.READY

@@ -204,8 +204,10 @@ def test_bdat_without_transaction_swallows_chunk() -> None:
 def test_early_talker() -> None:
     conn = ServerConnection()
     conn.receive_data(b"EHLO eager\r\n")
-    conn.greet(Reply(220, "", "hi"))
-    assert isinstance(conn.next_event(), ev.EarlyTalker)
+    assert conn.talked_early
+    conn.greet(Reply(554, "5.5.0", "synchronization error"))
+    assert conn.state is State.CLOSED
+    assert conn.next_event() is ev.NEED_DATA  # nothing sent early is ever interpreted
 
 
 @pytest.mark.parametrize(

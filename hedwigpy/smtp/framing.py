@@ -25,7 +25,7 @@ class LineBuffer:
         self.buf = bytearray()
         self._discarding = False
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes | bytearray) -> None:
         self.buf += data
 
     def clear(self) -> None:
@@ -100,7 +100,7 @@ class DotReader:
         self._skip = 2  # the two sentinel octets, dropped from the first output
         self.finished = False
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes | bytearray) -> None:
         self._buf += data
 
     def read(self) -> bytes:

@@ -72,7 +72,11 @@ class ServerConnection:
 
     # -- input ---------------------------------------------------------------------------------------
 
-    def receive_data(self, data: bytes) -> None:
+    @property
+    def closed(self) -> bool:
+        return self.state is State.CLOSED
+
+    def receive_data(self, data: bytes | bytearray) -> None:
         """Feed bytes from the peer; b"" means the peer closed its sending side."""
         if not data:
             self._eof = True

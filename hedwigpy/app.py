@@ -1,0 +1,84 @@
+"""The root nursery: open the spool, start every listener, run until a signal says stop.
+
+Each service is `async def serve_x(..., *, task_status)` started with `await nursery.start(...)`, so
+"ready" means every listener is bound and the spool is open (DESIGN rule 2).
+"""
+
+from __future__ import annotations
+
+import signal
+import ssl
+from dataclasses import dataclass, field
+
+import structlog
+import trio
+
+from .config import Config
+from .net.smtp_listener import ConnectionLimits, serve_smtp
+from .net.tls import server_context
+from .policy import RateLimiter
+from .receiver import ReceiverContext
+from .storage import FilesystemStorage, Storage
+
+log = structlog.get_logger("hedwigpy")
+
+
+@dataclass
+class Daemon:
+    """The running process's shared state; built from a `Config`."""
+
+    config: Config
+    storage: Storage
+    limits: ConnectionLimits
+    client_rate: RateLimiter
+    ready: trio.Event = field(default_factory=trio.Event)
+
+    @classmethod
+    def from_config(cls, config: Config) -> Daemon:
+        storage = FilesystemStorage(config.server.spool_dir, reserve_bytes=config.limits.queue_minfree)
+        return cls(
+            config=config,
+            storage=storage,
+            limits=ConnectionLimits(config.limits.max_connections, config.limits.max_connections_per_ip),
+            client_rate=RateLimiter(config.rate_limits.per_client),
+        )
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        cfg = self.config
+        await self.storage.open()
+        users = {u.name: u.password_hash for u in cfg.users}
+        try:
+            async with trio.open_nursery() as nursery:
+                for listener in cfg.listeners:
+                    ssl_ctx: ssl.SSLContext | None = None
+                    if listener.tls != "none":
+                        assert listener.cert is not None and listener.key is not None
+                        ssl_ctx = server_context(listener.cert, listener.key)
+                    ctx = ReceiverContext(
+                        config=cfg,
+                        listener=listener,
+                        storage=self.storage,
+                        client_rate=self.client_rate,
+                        users=users,
+                        tls_available=listener.tls == "starttls",
+                    )
+                    await nursery.start(serve_smtp, ctx, self.limits, ssl_ctx)
+                self.ready.set()
+                log.info(
+                    "ready", listeners=[lst.name for lst in cfg.listeners], spool=str(cfg.server.spool_dir)
+                )
+                task_status.started()
+        finally:
+            await self.storage.close()
+
+
+async def run(config: Config) -> None:
+    """Run the daemon until SIGTERM or SIGINT; exit cleanly."""
+    daemon = Daemon.from_config(config)
+    async with trio.open_nursery() as nursery:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            await nursery.start(daemon.serve)
+            async for signum in signals:
+                log.info("stopping", signal=signal.Signals(signum).name)
+                nursery.cancel_scope.cancel()
+                break

@@ -1,0 +1,1 @@
+"""Thin trio adapters: listeners, the per-connection socket loop, TLS wrapping."""

@@ -1,0 +1,174 @@
+"""Serving SMTP on trio: bind the listeners of one `[[listeners]]` entry, enforce connection limits,
+and run each connection's read → protocol → policy → write loop."""
+
+from __future__ import annotations
+
+import ssl
+from collections import Counter
+from dataclasses import dataclass, field
+
+import structlog
+import trio
+
+from ..policy import parse_ip
+from ..receiver import Receiver, ReceiverContext
+from ..smtp import Reply, ServerConnection, State
+from ..smtp import events as ev
+
+log = structlog.get_logger("hedwigpy.smtp")
+
+RECEIVE_SIZE = 65536
+
+
+@dataclass
+class ConnectionLimits:
+    """Connection counts shared by every listener of the daemon (max_connections is global)."""
+
+    max_total: int
+    max_per_ip: int
+    total: int = 0
+    per_ip: Counter[str] = field(default_factory=Counter)
+
+    def refusal(self, ip: str) -> Reply | None:
+        if self.total >= self.max_total:
+            return Reply(421, "4.7.0", "Too many connections, try again later")
+        if self.per_ip[ip] >= self.max_per_ip:
+            return Reply(421, "4.7.0", "Too many connections from your address, try again later")
+        return None
+
+
+async def serve_smtp(
+    ctx: ReceiverContext,
+    limits: ConnectionLimits,
+    ssl_context: ssl.SSLContext | None,
+    *,
+    task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Bind `ctx.listener.addr` and serve connections until cancelled."""
+    addr = ctx.listener.addr
+    listeners = await trio.open_tcp_listeners(addr.port, host=addr.host)
+    for lst in listeners:
+        log.info(
+            "listening", listener=ctx.listener.name, addr=lst.socket.getsockname()[:2], tls=ctx.listener.tls
+        )
+    task_status.started(listeners)
+
+    async def handler(stream: trio.SocketStream) -> None:
+        await handle_connection(stream, ctx, limits, ssl_context)
+
+    await trio.serve_listeners(handler, listeners)
+
+
+async def handle_connection(
+    raw: trio.SocketStream,
+    ctx: ReceiverContext,
+    limits: ConnectionLimits,
+    ssl_context: ssl.SSLContext | None,
+) -> None:
+    """One connection, from accept to close. Errors end this connection only, and are logged."""
+    peer = raw.socket.getpeername()
+    ip_text = str(peer[0])
+    client_addr = f"[{ip_text}]:{peer[1]}" if ":" in ip_text else f"{ip_text}:{peer[1]}"
+    refusal = limits.refusal(ip_text)
+    limits.total += 1
+    limits.per_ip[ip_text] += 1
+    try:
+        async with raw:
+            if refusal is not None:
+                with trio.move_on_after(5):
+                    await raw.send_all(
+                        Reply(421, refusal.enhanced, f"{ctx.hostname} {refusal.text}").to_bytes()
+                    )
+                log.warning("connection refused", client=client_addr, reason=refusal.text)
+                return
+            stream: trio.abc.Stream = raw
+            implicit = ctx.listener.tls == "implicit"
+            if implicit:
+                assert ssl_context is not None
+                stream = trio.SSLStream(raw, ssl_context, server_side=True)
+            receiver = Receiver(ctx, parse_ip(ip_text), client_addr, tls=implicit)
+            try:
+                await _Session(stream, receiver, ssl_context).run()
+            finally:
+                await receiver.close()
+    except (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError, OSError) as exc:
+        log.info("connection lost", client=client_addr, error=str(exc) or type(exc).__name__)
+    except Exception:
+        log.exception("connection failed", client=client_addr)
+    finally:
+        limits.total -= 1
+        limits.per_ip[ip_text] -= 1
+        if not limits.per_ip[ip_text]:
+            del limits.per_ip[ip_text]
+
+
+class _Session:
+    """The socket loop of one connection: feed bytes to the protocol, answer its events through the
+    `Receiver`, write replies in batches (one write per read, which is what makes PIPELINING cheap)."""
+
+    def __init__(self, stream: trio.abc.Stream, receiver: Receiver, ssl_context: ssl.SSLContext | None):
+        self.stream = stream
+        self.receiver = receiver
+        self.ssl_context = ssl_context
+        self.conn = ServerConnection()
+        self.limits = receiver.ctx.config.limits
+        self.out = bytearray()
+
+    async def run(self) -> None:
+        conn, receiver = self.conn, self.receiver
+        pause = receiver.ctx.listener.greet_pause
+        if pause > 0:
+            with trio.move_on_after(pause):
+                conn.receive_data(await self.stream.receive_some(RECEIVE_SIZE))
+        self.out += conn.greet(receiver.greeting(conn.talked_early))
+        deadline = trio.current_time() + self.limits.command_timeout
+        while not conn.closed:
+            event = conn.next_event()
+            if event is ev.NEED_DATA:
+                await self._flush()
+                data: bytes | bytearray | None = None
+                with trio.move_on_at(deadline):
+                    data = await self.stream.receive_some(RECEIVE_SIZE)
+                if data is None:
+                    self.out += conn.close_with(
+                        Reply(421, "4.4.2", f"{receiver.ctx.hostname} Error: timeout exceeded")
+                    )
+                    log.info("timeout", client=receiver.client_addr, state=conn.state.value)
+                    break
+                conn.receive_data(data)
+                continue
+            assert isinstance(event, ev.Event)
+            if isinstance(event, ev.ConnectionClosed):
+                return
+            reply = await receiver.handle(event)
+            if reply is not None:
+                self.out += conn.send(reply)
+                if receiver.count(reply) and not conn.closed:
+                    self.out += conn.close_with(
+                        Reply(421, "4.7.0", f"{receiver.ctx.hostname} Error: too many errors")
+                    )
+                    log.warning("too many errors", client=receiver.client_addr)
+            if conn.state is State.TLS:
+                await self._start_tls()
+            if conn.state in (State.DATA, State.BDAT):
+                if not isinstance(event, ev.MessageData):
+                    deadline = trio.current_time() + self.limits.data_timeout
+            else:
+                deadline = trio.current_time() + self.limits.command_timeout
+        await self._flush()
+
+    async def _flush(self) -> None:
+        if self.out:
+            data = bytes(self.out)
+            self.out.clear()
+            await self.stream.send_all(data)
+
+    async def _start_tls(self) -> None:
+        await self._flush()
+        assert self.ssl_context is not None
+        tls = trio.SSLStream(self.stream, self.ssl_context, server_side=True)
+        with trio.fail_after(self.limits.command_timeout):
+            await tls.do_handshake()
+        self.stream = tls
+        self.conn.tls_established()
+        self.receiver.tls_active = True

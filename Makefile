@@ -20,8 +20,8 @@ run: $(BIN)/hedwigpy
 	$(BIN)/hedwigpy serve -c $(CONFIG)
 
 lint: $(VENV)/.test-extras
-	$(BIN)/ruff check hedwigpy tests bench
-	$(BIN)/ruff format --check hedwigpy tests bench
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 typecheck: $(VENV)/.test-extras
 	$(BIN)/mypy

@@ -199,7 +199,8 @@ def test_passwd_prints_a_verifiable_hash() -> None:
 def test_config_check_names_every_bad_key(tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text(
-        '[server]\nbogus = 1\n[limits]\nmax_recipients = "many"\n[[listeners]]\nname = "x"\naddr = "127.0.0.1:25"\nrole = "foo"\n'
+        '[server]\nbogus = 1\n[limits]\nmax_recipients = "many"\n'
+        '[[listeners]]\nname = "x"\naddr = "127.0.0.1:25"\nrole = "foo"\n'
         '[[users]]\nname = "u"\npassword_hash = "plain-text"\n'
     )
     result = hedwigpy("config", "check", "-c", str(bad))

@@ -1,9 +1,12 @@
 """The durable spool: the `Storage` protocol and its filesystem and in-memory backends."""
 
 from .base import (
+    Attempt,
+    DeliveryStatus,
     Envelope,
     InsufficientSpace,
     MessageWriter,
+    RecipientStatus,
     State,
     Storage,
     StorageError,
@@ -14,11 +17,14 @@ from .filesystem import FilesystemStorage
 from .memory import MemoryStorage
 
 __all__ = [
+    "Attempt",
+    "DeliveryStatus",
     "Envelope",
     "FilesystemStorage",
     "InsufficientSpace",
     "MemoryStorage",
     "MessageWriter",
+    "RecipientStatus",
     "State",
     "Storage",
     "StorageError",

@@ -11,7 +11,7 @@ import os
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Literal, Protocol
 
 
 class State(enum.StrEnum):
@@ -56,6 +56,54 @@ class StoredMessage:
     state: State
     envelope: Envelope
     size: int  # bytes of message content (headers + body)
+
+
+RecipientState = Literal["pending", "delivered", "failed"]
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """The last answer a recipient got from a delivery attempt."""
+
+    at: float  # unix time
+    code: int  # SMTP reply code; 0 when there was no reply (connection, DNS or TLS failure)
+    enhanced: str
+    text: str
+    host: str  # the MX or smarthost the answer came from, "" if none
+
+
+@dataclass(frozen=True, slots=True)
+class RecipientStatus:
+    """Where one recipient of a message stands; "failed" is permanent (the recipient will bounce)."""
+
+    address: str
+    state: RecipientState
+    attempts: int = 0
+    last: Attempt | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryStatus:
+    """A message's delivery progress, kept apart from its data file (which is never modified).
+
+    The spool replaces it atomically after each attempt, so a recipient recorded as delivered is never
+    tried again, even after a crash.
+    """
+
+    recipients: tuple[RecipientStatus, ...]
+    attempts: int = 0  # delivery attempts of the whole message
+    next_attempt: float | None = None  # unix time of the next try (the scheduler uses it)
+    bounce_sent: bool = False
+
+    @classmethod
+    def initial(cls, envelope: Envelope) -> DeliveryStatus:
+        """Every recipient of the envelope pending (duplicates collapsed, order kept)."""
+        addresses = dict.fromkeys(envelope.recipients)
+        return cls(tuple(RecipientStatus(address, "pending") for address in addresses))
+
+    def pending(self) -> tuple[str, ...]:
+        """The addresses still to try."""
+        return tuple(r.address for r in self.recipients if r.state == "pending")
 
 
 class StorageError(Exception):
@@ -103,6 +151,17 @@ class Storage(Protocol):
     async def move(self, message_id: str, to: State) -> None:
         """Atomically change a message's state (a rename, then a directory fsync)."""
 
-    async def delete(self, message_id: str) -> None: ...
+    async def delete(self, message_id: str) -> None:
+        """Remove the data file, then the status file; an unknown id is not an error."""
+
+    async def load_status(self, message_id: str) -> DeliveryStatus:
+        """The last saved status, or `DeliveryStatus.initial(envelope)` if none was saved yet.
+
+        Raises StorageError if the message does not exist or its status cannot be read (an unreadable
+        status quarantines the message: it must never be resent to a recipient already delivered).
+        """
+
+    async def save_status(self, message_id: str, status: DeliveryStatus) -> None:
+        """Replace the message's status atomically; durable before returning. Raises StorageError."""
 
     async def close(self) -> None: ...

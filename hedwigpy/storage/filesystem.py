@@ -6,10 +6,15 @@
     root/held/      held by an operator
     root/bounced/   bounced; kept for `bounced_retention`
     root/corrupt/   quarantined: unreadable files, never delivered
+    root/status/    ID.json: per-recipient delivery status, replaced whole (the data file never changes)
 
 A message is written to `tmp/`, fsynced, renamed into `queued/`, and the directory fsynced (shared
 between concurrent commits, see `_dirsync`) before `commit` returns. Every blocking call runs in a
 worker thread so the event loop never waits on the disk.
+
+A status file is written the same way (unique tmp name in `status/`, fsync, rename over the old one, fsync
+of `status/`). A message without one has every recipient pending. A status that cannot be read quarantines
+its message: guessing could resend to a recipient already delivered.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import errno
 import os
 import re
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import structlog
@@ -25,20 +31,39 @@ import trio
 
 from ._dirsync import DirSyncer, fsync_dir
 from ._format import CorruptFile, encode_envelope, read_envelope
-from .base import Envelope, InsufficientSpace, State, StorageError, StoredMessage, new_message_id
+from ._status import MAX_STATUS_SIZE, CorruptStatus, decode_status, encode_status
+from .base import (
+    DeliveryStatus,
+    Envelope,
+    InsufficientSpace,
+    State,
+    StorageError,
+    StoredMessage,
+    new_message_id,
+)
 
 log = structlog.get_logger("hedwigpy.storage")
 
 ID_PATTERN = re.compile(r"^[0-9a-f]{24}$")
 BUFFER_LIMIT = 256 * 1024  # content kept in memory before the writer starts streaming to tmp/
 READ_CHUNK = 64 * 1024
-_DIRS = ("tmp", *(s.value for s in State))
+STATUS_DIR = "status"
+_DIRS = ("tmp", STATUS_DIR, *(s.value for s in State))
 
 
 def _error(exc: OSError, what: str) -> StorageError:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return InsufficientSpace(f"{what}: {exc}")
     return StorageError(f"{what}: {exc}")
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        log.warning("could not remove a temporary file", path=str(path), error=str(exc))
 
 
 class FilesystemWriter:
@@ -134,6 +159,8 @@ class FilesystemStorage:
         self.reserve_bytes = reserve_bytes
         self.index: dict[str, State] = {}
         self.syncers = {state: DirSyncer(self.root / state.value) for state in State}
+        self.status_syncer = DirSyncer(self.root / STATUS_DIR)
+        self._status_locks: dict[str, trio.Lock] = {}  # one status writer (or deleter) per message
 
     # -- lifecycle -----------------------------------------------------------------------------------
 
@@ -168,6 +195,34 @@ class FilesystemStorage:
                     self._quarantine_sync(message_id, state)
                     continue
                 self.index[message_id] = state
+        self._open_status_sync()
+
+    def _open_status_sync(self) -> None:
+        """Sweep `status/` of torn writes and orphans; quarantine messages whose status is unreadable."""
+        removed = 0
+        for entry in os.scandir(self.root / STATUS_DIR):
+            name = entry.name
+            if name.endswith(".tmp") and entry.is_file(follow_symlinks=False):
+                os.unlink(entry.path)
+                removed += 1
+                continue
+            message_id = name.removesuffix(".json")
+            if not name.endswith(".json") or not ID_PATTERN.match(message_id):
+                log.warning("unexpected file in spool", path=entry.path)
+                continue
+            state = self.index.get(message_id)
+            if state is None:  # its data file is gone: a delete interrupted between the two unlinks
+                os.unlink(entry.path)
+                removed += 1
+            elif state is not State.CORRUPT:
+                try:
+                    self._read_status_sync(message_id)
+                except (OSError, CorruptStatus) as exc:
+                    log.error("unreadable status file, message quarantined", id=message_id, error=str(exc))
+                    self._quarantine_sync(message_id, state)
+        if removed:
+            log.warning("removed stale files from status/", count=removed)
+            fsync_dir(self.root / STATUS_DIR)
 
     async def close(self) -> None:
         return None
@@ -190,6 +245,9 @@ class FilesystemStorage:
 
     def path(self, message_id: str, state: State) -> Path:
         return self.root / state.value / f"{message_id}.msg"
+
+    def status_path(self, message_id: str) -> Path:
+        return self.root / STATUS_DIR / f"{message_id}.json"
 
     async def get(self, message_id: str) -> StoredMessage | None:
         state = self.index.get(message_id)
@@ -276,10 +334,111 @@ class FilesystemStorage:
         try:
             await trio.to_thread.run_sync(os.unlink, self.path(message_id, state))
         except FileNotFoundError:
-            return
+            pass
         except OSError as exc:
             raise _error(exc, f"deleting {message_id}") from exc
-        await self.syncers[state].sync()
+        else:
+            await self.syncers[state].sync()
+        # Only once the data file's removal is durable may its status go: the reverse order could bring
+        # the message back after a crash with every recipient pending. A status left behind is harmless
+        # (`open` removes orphans), so it is not worth a directory fsync.
+        async with self._status_lock(message_id):
+            try:
+                await trio.to_thread.run_sync(os.unlink, self.status_path(message_id))
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                log.warning("could not remove a status file", id=message_id, error=str(exc))
+
+    # -- delivery status -----------------------------------------------------------------------------
+
+    async def load_status(self, message_id: str) -> DeliveryStatus:
+        state = self.index.get(message_id)
+        if state is None:
+            raise StorageError(f"no message {message_id}")
+        try:
+            return await trio.to_thread.run_sync(self._load_status_sync, message_id, state)
+        except OSError as exc:
+            raise _error(exc, f"reading the status of {message_id}") from exc
+
+    async def save_status(self, message_id: str, status: DeliveryStatus) -> None:
+        data = encode_status(status)
+        async with self._status_lock(message_id):
+            if message_id not in self.index:
+                raise StorageError(f"no message {message_id}")
+            try:
+                await trio.to_thread.run_sync(self._save_status_sync, message_id, data)
+            except OSError as exc:
+                raise _error(exc, f"saving the status of {message_id}") from exc
+        await self.status_syncer.sync()
+
+    @asynccontextmanager
+    async def _status_lock(self, message_id: str) -> AsyncIterator[None]:
+        """Serialise status replacements of one message, so the last `save_status` called wins."""
+        lock = self._status_locks.setdefault(message_id, trio.Lock())
+        try:
+            async with lock:
+                yield
+        finally:
+            if not lock.locked() and not lock.statistics().tasks_waiting:
+                self._status_locks.pop(message_id, None)
+
+    def _read_status_sync(self, message_id: str) -> DeliveryStatus | None:
+        try:
+            with self.status_path(message_id).open("rb") as f:
+                raw = f.read(MAX_STATUS_SIZE + 1)
+        except FileNotFoundError:
+            return None
+        return decode_status(raw)
+
+    def _load_status_sync(self, message_id: str, state: State) -> DeliveryStatus:
+        try:
+            status = self._read_status_sync(message_id)
+        except CorruptStatus as exc:
+            log.error("corrupt status file, message quarantined", id=message_id, error=str(exc))
+            found = self._find_sync(message_id, state)
+            if found is not None and found is not State.CORRUPT:
+                self._quarantine_sync(message_id, found)
+            raise
+        if status is not None:
+            return status
+        found = self._find_sync(message_id, state)
+        if found is None:
+            raise StorageError(f"no message {message_id}")
+        path = self.path(message_id, found)
+        try:
+            with path.open("rb") as f:
+                envelope, _ = read_envelope(f)
+        except CorruptFile as exc:
+            log.error("corrupt spool file", path=str(path), error=str(exc))
+            if found is not State.CORRUPT:
+                self._quarantine_sync(message_id, found)
+            raise
+        return DeliveryStatus.initial(envelope)
+
+    def _find_sync(self, message_id: str, state: State) -> State | None:
+        """The directory holding the data file: the index's guess first (a `move` may be under way)."""
+        for candidate in (state, *(s for s in State if s is not state)):
+            if self.path(message_id, candidate).exists():
+                return candidate
+        return None
+
+    def _save_status_sync(self, message_id: str, data: bytes) -> None:
+        final = self.status_path(message_id)
+        tmp = final.with_name(f"{message_id}.{os.urandom(4).hex()}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(tmp, final)
+        except BaseException:
+            _unlink_quietly(tmp)
+            raise
 
     def statistics(self) -> dict[str, int]:
         counts = dict.fromkeys((s.value for s in State), 0)

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-from .base import Envelope, InsufficientSpace, State, StorageError, StoredMessage, new_message_id
+from .base import (
+    DeliveryStatus,
+    Envelope,
+    InsufficientSpace,
+    State,
+    StorageError,
+    StoredMessage,
+    new_message_id,
+)
 
 
 class MemoryWriter:
@@ -43,6 +51,7 @@ class MemoryStorage:
         self.free_bytes = free_bytes
         self.fail_writes = False
         self.messages: dict[str, tuple[StoredMessage, bytes]] = {}
+        self.statuses: dict[str, DeliveryStatus] = {}
 
     async def open(self) -> None:
         return None
@@ -71,11 +80,29 @@ class MemoryStorage:
         return sorted((m for m, _ in self.messages.values() if m.state is state), key=lambda m: m.id)
 
     async def move(self, message_id: str, to: State) -> None:
-        message, content = self.messages[message_id]
+        entry = self.messages.get(message_id)
+        if entry is None:
+            raise StorageError(f"no message {message_id}")
+        message, content = entry
         self.messages[message_id] = (StoredMessage(message.id, to, message.envelope, message.size), content)
 
     async def delete(self, message_id: str) -> None:
         self.messages.pop(message_id, None)
+        self.statuses.pop(message_id, None)
+
+    async def load_status(self, message_id: str) -> DeliveryStatus:
+        entry = self.messages.get(message_id)
+        if entry is None:
+            raise StorageError(f"no message {message_id}")
+        status = self.statuses.get(message_id)
+        return DeliveryStatus.initial(entry[0].envelope) if status is None else status
+
+    async def save_status(self, message_id: str, status: DeliveryStatus) -> None:
+        if message_id not in self.messages:
+            raise StorageError(f"no message {message_id}")
+        if self.fail_writes:
+            raise StorageError("simulated write failure")
+        self.statuses[message_id] = status
 
     def statistics(self) -> dict[str, int]:
         counts = dict.fromkeys((s.value for s in State), 0)

@@ -1,0 +1,238 @@
+"""The filesystem spool: streaming, durability steps, failure handling, and recovery at `open`."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import tracemalloc
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import trio
+import trio.lowlevel
+
+from hedwigpy.storage import (
+    FilesystemStorage,
+    InsufficientSpace,
+    MemoryStorage,
+    State,
+    StorageError,
+    new_message_id,
+)
+from hedwigpy.storage import filesystem as fs_module
+from hedwigpy.storage._format import encode_envelope
+
+from .helpers import envelope, files, read_all, store
+
+MiB = 1024 * 1024
+CONTENT = b"Subject: test\r\n\r\n" + b"x" * 1000 + b"\r\n"
+
+
+async def test_commit_goes_through_tmp_into_queued(fs: FilesystemStorage) -> None:
+    writer = fs.writer(envelope())
+    await writer.write(b"a" * (fs_module.BUFFER_LIMIT + 1))  # big enough to start streaming
+    assert files(fs.root / "tmp") == [f"{writer.message_id}.msg"]
+    assert files(fs.root / "queued") == []
+    stored = await writer.commit()
+    assert files(fs.root / "tmp") == []
+    assert files(fs.root / "queued") == [f"{stored.id}.msg"]
+    for state in State:
+        if state is not State.QUEUED:
+            assert files(fs.root / state.value) == []
+    on_disk = (fs.root / "queued" / f"{stored.id}.msg").read_bytes()
+    assert on_disk == encode_envelope(stored.envelope) + b"a" * (fs_module.BUFFER_LIMIT + 1)
+
+
+@pytest.mark.parametrize("size", [0, 100, fs_module.BUFFER_LIMIT * 3])
+async def test_abort_leaves_nothing(fs: FilesystemStorage, size: int) -> None:
+    writer = fs.writer(envelope())
+    await writer.write(b"z" * size)
+    await writer.abort()
+    assert files(fs.root / "tmp") == []
+    assert files(fs.root / "queued") == []
+    assert fs.index == {}
+
+
+async def test_large_message_streams_to_disk(fs: FilesystemStorage) -> None:
+    """20 MiB in 64 KiB writes: memory stays bounded by the buffer, the file grows as data arrives."""
+    base = os.urandom(64 * 1024)
+    chunks = 20 * MiB // len(base)
+    expected = hashlib.sha256()
+    writer = fs.writer(envelope())
+    tmp_file = fs.root / "tmp" / f"{writer.message_id}.msg"
+    tracemalloc.start()
+    try:
+        for i in range(chunks):
+            chunk = i.to_bytes(4, "big") + base[4:]
+            expected.update(chunk)
+            await writer.write(chunk)
+            assert len(writer._buffer) < fs_module.BUFFER_LIMIT
+            written = (i + 1) * len(chunk)
+            if written >= fs_module.BUFFER_LIMIT:
+                assert tmp_file.stat().st_size >= written - fs_module.BUFFER_LIMIT
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * MiB, f"peak {peak} bytes while writing 20 MiB"
+    stored = await writer.commit()
+    assert stored.size == 20 * MiB
+
+    got = hashlib.sha256()
+    async for chunk in fs.read_content(stored.id):
+        assert len(chunk) <= fs_module.READ_CHUNK
+        got.update(chunk)
+    assert got.hexdigest() == expected.hexdigest()
+
+
+def _failing(err: int) -> Callable[..., object]:
+    def fail(*args: object) -> object:
+        raise OSError(err, os.strerror(err))
+
+    return fail
+
+
+@pytest.mark.parametrize("call", ["write", "fsync"])
+@pytest.mark.parametrize(("err", "expected"), [(errno.ENOSPC, InsufficientSpace), (errno.EIO, StorageError)])
+@pytest.mark.parametrize("size", [100, fs_module.BUFFER_LIMIT * 2])
+async def test_write_errors(
+    fs: FilesystemStorage,
+    monkeypatch: pytest.MonkeyPatch,
+    call: str,
+    err: int,
+    expected: type[StorageError],
+    size: int,
+) -> None:
+    writer = fs.writer(envelope())
+    with monkeypatch.context() as patch:
+        patch.setattr(f"hedwigpy.storage.filesystem.os.{call}", _failing(err))
+        with pytest.raises(StorageError) as info:
+            await writer.write(b"q" * size)  # streams (and may fail) only past BUFFER_LIMIT
+            await writer.commit()
+    assert type(info.value) is expected
+    assert files(fs.root / "tmp") == []
+    assert files(fs.root / "queued") == []
+    assert fs.index == {}
+    with pytest.raises(StorageError):
+        await writer.commit()
+    await writer.abort()
+    # the spool still works afterwards
+    stored = await store(fs, CONTENT)
+    assert await read_all(fs, stored.id) == CONTENT
+
+
+async def test_check_space(tmp_path: Path) -> None:
+    roomy = FilesystemStorage(tmp_path / "a")
+    await roomy.open()
+    roomy.check_space(1024)
+    full = FilesystemStorage(tmp_path / "b", reserve_bytes=1 << 62)
+    await full.open()
+    with pytest.raises(InsufficientSpace):
+        full.check_space(0)
+    with pytest.raises(InsufficientSpace):
+        roomy.check_space(1 << 62)
+
+    memory = MemoryStorage(free_bytes=1000)
+    memory.check_space(1000)
+    with pytest.raises(InsufficientSpace):
+        memory.check_space(1001)
+
+
+async def test_open_sweeps_tmp_and_quarantines_corrupt_files(fs: FilesystemStorage) -> None:
+    good = [await store(fs, CONTENT) for _ in range(3)]
+    line = encode_envelope(envelope())
+    garbage_id, truncated_id, version_id, empty_id = (new_message_id() for _ in range(4))
+    queued = fs.root / "queued"
+    (queued / f"{garbage_id}.msg").write_bytes(b"\x00\x01 not json at all\nbody\r\n")
+    (queued / f"{truncated_id}.msg").write_bytes(line[: len(line) // 2])
+    (queued / f"{version_id}.msg").write_bytes(line.replace(b'"v":1', b'"v":99') + b"body")
+    (fs.root / "deferred" / f"{empty_id}.msg").write_bytes(b"")
+    (fs.root / "tmp" / f"{new_message_id()}.msg").write_bytes(line + b"torn")
+    (fs.root / "tmp" / "junk").write_bytes(b"x")
+
+    reopened = FilesystemStorage(fs.root)
+    await reopened.open()
+    assert files(reopened.root / "tmp") == []
+    bad = {garbage_id, truncated_id, version_id, empty_id}
+    assert files(reopened.root / "corrupt") == sorted(f"{i}.msg" for i in bad)
+    assert files(queued) == sorted(f"{m.id}.msg" for m in good)
+    assert files(reopened.root / "deferred") == []
+    assert [m.id for m in await reopened.list(State.QUEUED)] == [m.id for m in good]
+    assert {i for i, s in reopened.index.items() if s is State.CORRUPT} == bad
+    assert reopened.statistics()["corrupt"] == 4
+    for message in good:
+        assert await read_all(reopened, message.id) == CONTENT
+
+
+async def test_reopen_rebuilds_the_index(fs: FilesystemStorage) -> None:
+    ids = [(await store(fs, CONTENT + b"%d" % i)).id for i in range(5)]
+    await fs.move(ids[1], State.DEFERRED)
+    await fs.move(ids[2], State.HELD)
+    await fs.move(ids[3], State.BOUNCED)
+    await fs.delete(ids[4])
+    (fs.root / "queued" / "README").write_text("not a message")  # ignored, with a warning
+
+    reopened = FilesystemStorage(fs.root)
+    await reopened.open()
+    assert reopened.index == {
+        ids[0]: State.QUEUED,
+        ids[1]: State.DEFERRED,
+        ids[2]: State.HELD,
+        ids[3]: State.BOUNCED,
+    }
+    for i, message_id in enumerate(ids[:4]):
+        got = await reopened.get(message_id)
+        assert got is not None
+        assert got.state is reopened.index[message_id]
+        assert got.envelope == envelope()
+        assert await read_all(reopened, message_id) == CONTENT + b"%d" % i
+    assert await reopened.get(ids[4]) is None
+    assert reopened.statistics() == {"queued": 1, "deferred": 1, "held": 1, "bounced": 1, "corrupt": 0}
+
+
+async def test_open_creates_the_layout(tmp_path: Path) -> None:
+    storage = FilesystemStorage(tmp_path / "deep" / "spool")
+    await storage.open()
+    assert files(storage.root) == sorted(["tmp", "status", *(s.value for s in State)])
+
+
+async def test_move_and_delete_on_disk(fs: FilesystemStorage) -> None:
+    stored = await store(fs, CONTENT)
+    await fs.move(stored.id, State.HELD)
+    assert files(fs.root / "queued") == []
+    assert files(fs.root / "held") == [f"{stored.id}.msg"]
+    await fs.delete(stored.id)
+    assert files(fs.root / "held") == []
+
+
+async def test_many_concurrent_commits(fs: FilesystemStorage) -> None:
+    count = 50
+    results: dict[int, str] = {}
+
+    async def one(i: int) -> None:
+        writer = fs.writer(envelope(f"r{i}@example.com"))
+        await writer.write(b"message %d\r\n" % i)
+        await trio.lowlevel.checkpoint()
+        await writer.write(b"end\r\n")
+        results[i] = (await writer.commit()).id
+
+    async with trio.open_nursery() as nursery:
+        for i in range(count):
+            nursery.start_soon(one, i)
+
+    assert len(set(results.values())) == count
+    assert files(fs.root / "tmp") == []
+    assert files(fs.root / "queued") == sorted(f"{i}.msg" for i in results.values())
+    listed = await fs.list(State.QUEUED)
+    assert sorted(m.id for m in listed) == sorted(results.values())
+    for i, message_id in results.items():
+        assert await read_all(fs, message_id) == b"message %d\r\nend\r\n" % i
+        got = await fs.get(message_id)
+        assert got is not None
+        assert got.envelope.recipients == (f"r{i}@example.com",)
+    assert 1 <= fs.syncers[State.QUEUED].syncs <= count
+
+    reopened = FilesystemStorage(fs.root)
+    await reopened.open()
+    assert sorted(reopened.index) == sorted(results.values())

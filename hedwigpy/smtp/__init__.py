@@ -5,22 +5,36 @@ Nothing here imports trio, sockets or storage (DESIGN rule 1); a test enforces i
 
 from . import events
 from .addresses import AddressError, Mailbox, parse_path
+from .client import ClientConnection, ClientState, Response, ServerExtensions
 from .errors import LocalProtocolError, ProtocolError, RemoteProtocolError
-from .framing import DotReader, LineBuffer, dot_stuff, normalize_line_endings
+from .framing import (
+    BodyEncoder,
+    DotReader,
+    LineBuffer,
+    LineEndingNormalizer,
+    dot_stuff,
+    normalize_line_endings,
+)
 from .replies import Reply, ReplyParser
 from .server import ServerConnection, State
 
 __all__ = [
     "AddressError",
+    "BodyEncoder",
+    "ClientConnection",
+    "ClientState",
     "DotReader",
     "LineBuffer",
+    "LineEndingNormalizer",
     "LocalProtocolError",
     "Mailbox",
     "ProtocolError",
     "RemoteProtocolError",
     "Reply",
     "ReplyParser",
+    "Response",
     "ServerConnection",
+    "ServerExtensions",
     "State",
     "dot_stuff",
     "events",

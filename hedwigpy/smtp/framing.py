@@ -160,3 +160,55 @@ def dot_stuff(data: bytes, *, at_line_start: bool = True) -> bytes:
     if at_line_start and data.startswith(b"."):
         data = b"." + data
     return data
+
+
+class LineEndingNormalizer:
+    """`normalize_line_endings` for a stream of chunks: a CR that ends one chunk and the LF that starts
+    the next are one CRLF, so a trailing CR is held back until the next chunk (or `flush`) decides."""
+
+    def __init__(self) -> None:
+        self._held_cr = False
+
+    def encode(self, chunk: bytes) -> bytes:
+        if self._held_cr and chunk:
+            chunk = b"\r" + chunk
+            self._held_cr = False
+        if chunk.endswith(b"\r"):
+            chunk = chunk[:-1]
+            self._held_cr = True
+        return normalize_line_endings(chunk)
+
+    def flush(self) -> bytes:
+        """The held-back CR, now known to be bare, as CRLF (or nothing)."""
+        held, self._held_cr = self._held_cr, False
+        return b"\r\n" if held else b""
+
+
+class BodyEncoder:
+    """Turns message content, chunk by chunk, into the wire form of a DATA section: line endings
+    normalised to CRLF and leading dots doubled across chunk boundaries, then the `CRLF.CRLF` terminator.
+
+    The output never holds a bare CR or LF, and `\\r\\n.\\r\\n` appears only as the terminator: the
+    content can neither end the message early nor smuggle commands (DESIGN rule 1, the server's
+    `DotReader` is the inverse).
+    """
+
+    def __init__(self) -> None:
+        self._lines = LineEndingNormalizer()
+        self._at_line_start = True
+
+    def encode(self, chunk: bytes) -> bytes:
+        data = self._lines.encode(chunk)
+        if not data:
+            return b""
+        data = dot_stuff(data, at_line_start=self._at_line_start)
+        self._at_line_start = data.endswith(b"\n")
+        return data
+
+    def finish(self) -> bytes:
+        """The end of the section: a CRLF if the content did not end with one, then `.\\r\\n`."""
+        tail = self._lines.flush()
+        if not tail and not self._at_line_start:
+            tail = b"\r\n"
+        self._at_line_start = True
+        return tail + b".\r\n"

@@ -1,0 +1,1 @@
+"""Delivery: scheduling, MX resolution, connection pools and bounces."""

@@ -19,6 +19,11 @@ from .net.tls import server_context
 from .policy import RateLimiter
 from .receiver import ReceiverContext
 from .storage import FilesystemStorage, Storage
+from .worker.delivery import Deliverer
+from .worker.mx import MxResolver
+from .worker.pool import ConnectionPool
+from .worker.routes import Router
+from .worker.runner import Inbox, serve_worker
 
 log = structlog.get_logger("hedwigpy")
 
@@ -31,16 +36,29 @@ class Daemon:
     storage: Storage
     limits: ConnectionLimits
     client_rate: RateLimiter
+    pool: ConnectionPool
+    deliverer: Deliverer
+    inbox: Inbox = field(default_factory=Inbox)
     ready: trio.Event = field(default_factory=trio.Event)
 
     @classmethod
     def from_config(cls, config: Config) -> Daemon:
+        """Raises `RouteError` when a route's strategy does not load."""
         storage = FilesystemStorage(config.server.spool_dir, reserve_bytes=config.limits.queue_minfree)
+        delivery = config.delivery
+        pool = ConnectionPool(
+            max_per_host=delivery.max_connections_per_host,
+            max_messages=delivery.max_messages_per_connection,
+            idle_timeout=delivery.idle_timeout,
+        )
+        resolver = MxResolver([(ns.host, ns.port) for ns in config.dns.nameservers])
         return cls(
             config=config,
             storage=storage,
             limits=ConnectionLimits(config.limits.max_connections, config.limits.max_connections_per_ip),
             client_rate=RateLimiter(config.rate_limits.per_client),
+            pool=pool,
+            deliverer=Deliverer(config, storage, resolver, pool, Router(config.routes)),
         )
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -61,8 +79,11 @@ class Daemon:
                         client_rate=self.client_rate,
                         users=users,
                         tls_available=listener.tls == "starttls",
+                        on_queued=self.inbox.submit,
                     )
                     await nursery.start(serve_smtp, ctx, self.limits, ssl_ctx)
+                await nursery.start(self.pool.serve)
+                await nursery.start(serve_worker, self.storage, self.deliverer, self.inbox)
                 self.ready.set()
                 log.info(
                     "ready", listeners=[lst.name for lst in cfg.listeners], spool=str(cfg.server.spool_dir)

@@ -16,6 +16,7 @@ from . import __version__
 def _cmd_serve(args: argparse.Namespace) -> int:
     from . import app
     from .config import ConfigError, load_config
+    from .config_check import check_files
     from .logging import configure
 
     try:
@@ -23,6 +24,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         for err in exc.errors:
             print(f"{args.config}: {err}", file=sys.stderr)
+        return 1
+    problems = check_files(config)
+    for err in problems:
+        print(f"{args.config}: {err}", file=sys.stderr)
+    if problems:
         return 1
     configure(config.log.level, config.log.format)
     trio.run(app.run, config)

@@ -1,5 +1,5 @@
 """Checks `config check` makes beyond the schema: files that must exist and be readable, hashes that
-must parse. `serve` fails on the same problems when it starts."""
+must parse, route strategies that must import. `serve` fails on the same problems when it starts."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import ssl
 
 from .auth import is_valid_hash
 from .config import Config
+from .worker.routes import RouteError, load_strategy
 
 
 def check_files(config: Config) -> list[str]:
@@ -25,4 +26,10 @@ def check_files(config: Config) -> list[str]:
     for i, key in enumerate(config.api_keys):
         if not is_valid_hash(key.key_hash):
             problems.append(f"api_keys[{i}].key_hash: not a hash from `hedwigpy passwd`")
+    for i, route in enumerate(config.routes):
+        if route.transport == "relay" and ":" in route.strategy:
+            try:
+                load_strategy(route.strategy, where=f"routes[{i}].strategy")
+            except RouteError as exc:
+                problems.append(str(exc))
     return problems

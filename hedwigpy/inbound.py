@@ -1,5 +1,5 @@
 """The content side of an inbound message: Received header, loop detection, a missing Message-ID,
-size limits — applied while the bytes stream into the spool.
+Bcc removal, size limits — applied while the bytes stream into the spool.
 
 The header section is buffered (bounded) until the blank line that ends it, inspected once, then the
 whole message streams to the storage writer; a 20 MB body is never held in memory.
@@ -19,6 +19,9 @@ MAX_HEADER_SECTION = 1024 * 1024  # inspect at most this much; beyond it the res
 _RECEIVED = re.compile(rb"^received[ \t]*:", re.IGNORECASE | re.MULTILINE)
 _MESSAGE_ID = re.compile(rb"^message-id[ \t]*:", re.IGNORECASE | re.MULTILINE)
 _HEADER_END = re.compile(rb"\r?\n\r?\n")
+# A Bcc field with its folded continuation lines. Removed on the way in, like Postfix's cleanup(8), so
+# the spool never holds it: no delivery, DKIM signature or bounce can leak the blind recipients.
+_BCC_FIELD = re.compile(rb"^bcc[ \t]*:[^\n]*(?:\n[ \t][^\n]*)*(?:\n|\Z)", re.IGNORECASE | re.MULTILINE)
 
 
 def received_header(
@@ -85,7 +88,7 @@ class IncomingMessage:
             split = found.start() + (2 if head[found.start()] == 0x0D else 1)
         else:
             split = len(head)
-        section = head[:split]
+        section = _BCC_FIELD.sub(b"", head[:split])
         self.hops = len(_RECEIVED.findall(section))
         extra = b""
         if (complete or split == 0) and not _MESSAGE_ID.search(section):

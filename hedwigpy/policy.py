@@ -1,12 +1,12 @@
-"""Inbound policy as plain functions: who may relay, which domains are filtered, how fast a client may
-send. No I/O; the SMTP session asks, and turns the answers into replies."""
+"""Policy as plain functions: who may relay, which domains are filtered, how fast a client may send
+and how fast we may send to a domain. No I/O; the callers turn the answers into replies."""
 
 from __future__ import annotations
 
 import ipaddress
 import time
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from .config import FilterConfig
@@ -60,24 +60,38 @@ def filter_allows(domain: str, kind: str, filters: Sequence[FilterConfig]) -> bo
 
 @dataclass
 class RateLimiter:
-    """A sliding one-minute window of events per key (client IP or user). `limit` 0 disables it."""
+    """A sliding one-minute window of events per key (client IP or user, recipient domain).
+
+    `limit` applies to every key not in `overrides`; a limit of 0 disables limiting for that key.
+    """
 
     limit: int
     window: float = 60.0
+    overrides: Mapping[str, int] = field(default_factory=dict)
     _events: dict[str, deque[float]] = field(default_factory=dict)
 
     def allow(self, key: str, now: float | None = None) -> bool:
         """Record an event for `key` if it is within the limit; False when it is not."""
-        if self.limit <= 0:
+        limit = self.overrides.get(key, self.limit)
+        if limit <= 0:
             return True
         now = time.monotonic() if now is None else now
         q = self._events.setdefault(key, deque())
         while q and q[0] <= now - self.window:
             q.popleft()
-        if len(q) >= self.limit:
+        if len(q) >= limit:
             return False
         q.append(now)
         if len(self._events) > 100_000:  # bound memory: forget idle keys
             for k in [k for k, v in self._events.items() if not v or v[-1] <= now - self.window]:
                 del self._events[k]
         return True
+
+    def wait_time(self, key: str, now: float | None = None) -> float:
+        """Seconds until `allow(key)` can succeed again (0 when it can now)."""
+        limit = self.overrides.get(key, self.limit)
+        q = self._events.get(key)
+        if limit <= 0 or not q or len(q) < limit:
+            return 0.0
+        now = time.monotonic() if now is None else now
+        return max(0.0, q[-limit] + self.window - now)

@@ -42,6 +42,7 @@ class ReceiverContext:
     client_rate: RateLimiter
     users: dict[str, str] = field(default_factory=dict)  # name -> password hash
     tls_available: bool = False
+    on_queued: Callable[[str], None] = lambda message_id: None  # hands a spooled message to the worker
 
     @property
     def hostname(self) -> str:
@@ -252,6 +253,7 @@ class Receiver:
             client=self.client_addr,
             listener=self.ctx.listener.name,
         )
+        self.ctx.on_queued(stored.id)
         return Reply(250, "2.0.0", f"Ok: queued as {stored.id}")
 
     async def _reset(self, event: ev.Reset) -> Reply:

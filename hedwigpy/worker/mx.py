@@ -173,6 +173,19 @@ class MxResolver:
             raise _transient(f"Temporary DNS failure resolving the MX hosts of {name}: {details}")
         raise DnsFailure(Reply(451, "4.4.4", f"No MX host of {name} has an address, try again later"))
 
+    async def resolve_host(self, host: str) -> MxHost:
+        """The addresses of one host name (a smarthost: no MX lookup, like Postfix's `[host]`).
+
+        Raises `DnsFailure` as `resolve` does.
+        """
+        try:
+            literal: str | None = str(ipaddress.ip_address(host))
+        except ValueError:
+            literal = _address_literal(host)
+        if literal is not None:
+            return MxHost(literal, 0, (literal,))
+        return (await self._implicit_mx(_a_label(host)))[0]
+
     async def _implicit_mx(self, name: str) -> list[MxHost]:
         """RFC 5321 5.1: no MX records, so the domain itself is the host (preference 0)."""
         lookup = (await self._host_addresses([name]))[name]

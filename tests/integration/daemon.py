@@ -25,6 +25,22 @@ def free_port() -> int:
         return port
 
 
+_blackhole: socket.socket | None = None
+
+
+def blackhole_port() -> int:
+    """A loopback port that accepts TCP connections (the kernel completes the handshake) and never says a
+    word: an upstream that hangs. Receive tests relay everything there so the spool they inspect stays
+    put while the daemon waits for a banner."""
+    global _blackhole
+    if _blackhole is None:
+        _blackhole = socket.socket()
+        _blackhole.bind(("127.0.0.1", 0))
+        _blackhole.listen(1024)
+    port: int = _blackhole.getsockname()[1]
+    return port
+
+
 def base_config(tmp: Path) -> dict[str, Any]:
     return {
         "server": {"hostname": "mx.test.example", "spool_dir": str(tmp / "spool")},
@@ -40,6 +56,7 @@ def base_config(tmp: Path) -> dict[str, Any]:
         ],
         "http": {"addr": f"127.0.0.1:{free_port()}"},
         "delivery": {"port": free_port(), "cut_through": False},
+        "routes": [{"transport": "relay", "hosts": [f"127.0.0.1:{blackhole_port()}"], "tls": "none"}],
     }
 
 

@@ -1,0 +1,209 @@
+"""Delivery: one attempt to hand a message to the next hop, with a result for every recipient.
+
+The queue worker and (later) the cut-through path call the same `Deliverer.deliver`. Recipients are grouped
+into transactions: per (route, recipient domain) for MX delivery, per route for a relay (a smarthost takes
+every domain in one transaction). Groups go out concurrently. Within a group the hosts are tried in order
+— MX preference, or the route's strategy — moving on when a connection cannot be set up (refused, timed
+out, banner or EHLO refused, 421, TLS failure); once a host answers the transaction, its replies decide.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import structlog
+import trio
+
+from ..config import Config
+from ..net.smtp_client import Outgoing, SessionFailure, SessionOptions, TransactionReplies, host_label
+from ..net.tls import client_context
+from ..policy import RateLimiter
+from ..smtp.replies import Reply
+from ..storage import Storage, StoredMessage
+from .mx import DnsFailure, MxResolver
+from .pool import ConnectionPool, PoolKey
+from .results import Result, TransientFailure, result_for
+from .routes import Route, Router, StrategyFailed, domain_of
+
+log = structlog.get_logger("hedwigpy.delivery")
+
+# Postfix's smtp_mx_address_limit: addresses tried per attempt, so a domain with many dead MX hosts
+# cannot hold a delivery slot for hours of connect timeouts.
+MAX_ADDRESSES_PER_ATTEMPT = 5
+STALE_RETRIES = 2
+
+
+@dataclass(frozen=True, slots=True)
+class _Target:
+    name: str
+    address: str
+    port: int
+    options: SessionOptions
+
+
+class Deliverer:
+    """Everything delivery needs, built once per daemon."""
+
+    def __init__(
+        self,
+        config: Config,
+        storage: Storage,
+        resolver: MxResolver,
+        pool: ConnectionPool,
+        router: Router,
+        *,
+        rate_limiter: RateLimiter | None = None,
+    ) -> None:
+        self._config = config
+        self._storage = storage
+        self._resolver = resolver
+        self._pool = pool
+        self._router = router
+        limits = config.rate_limits
+        self._rate = rate_limiter or RateLimiter(limits.per_domain, overrides=dict(limits.domains))
+        # One context each, so pooled sessions with equal options compare equal.
+        self._mx_tls = client_context(verify=False)
+        self._relay_tls = client_context(verify=True)
+
+    async def deliver(self, message: StoredMessage, recipients: Sequence[str]) -> list[Result]:
+        """Try every recipient once; results come back in the order of `recipients`."""
+        groups: dict[tuple[int, str], tuple[Route, list[str]]] = {}
+        for rcpt in dict.fromkeys(recipients):
+            route = self._router.route(message.envelope, rcpt)
+            domain = domain_of(rcpt) if route.config.transport == "mx" else ""
+            groups.setdefault((route.index, domain), (route, []))[1].append(rcpt)
+        by_recipient: dict[str, Result] = {}
+
+        async def one(route: Route, domain: str, rcpts: list[str]) -> None:
+            for result in await self._deliver_group(message, route, domain, rcpts):
+                by_recipient[result.recipient] = result
+
+        async with trio.open_nursery() as nursery:
+            for (_, domain), (route, rcpts) in groups.items():
+                nursery.start_soon(one, route, domain, rcpts)
+        return [by_recipient[r] for r in dict.fromkeys(recipients)]
+
+    async def _deliver_group(
+        self, message: StoredMessage, route: Route, domain: str, rcpts: list[str]
+    ) -> list[Result]:
+        rcpts, limited = self._apply_rate_limits(rcpts)
+        if not rcpts:
+            return limited
+        try:
+            targets = await self._targets(message, route, domain)
+        except DnsFailure as exc:
+            return limited + [result_for(r, exc.reply, "") for r in rcpts]
+        except StrategyFailed as exc:
+            reply = Reply(451, "4.3.5", str(exc))
+            return limited + [TransientFailure(r, reply, "") for r in rcpts]
+        env = message.envelope
+        outgoing = Outgoing(
+            sender=env.sender,
+            recipients=rcpts,
+            size=message.size,
+            body_type=env.body_type,
+            smtputf8=env.smtputf8,
+            content=lambda: self._storage.read_content(message.id),
+        )
+        failure: SessionFailure | None = None
+        for target in targets:
+            try:
+                replies = await self._send(target, outgoing)
+            except SessionFailure as exc:
+                log.info("host failed", id=message.id, host=exc.host, reply=str(exc.reply))
+                if exc.after_data:  # the upstream may have the message: never hand it to another host now
+                    return limited + [TransientFailure(r, exc.reply, exc.host) for r in rcpts]
+                failure = exc
+                continue
+            return limited + _results(rcpts, replies, target)
+        assert failure is not None, "targets is never empty"
+        return limited + [TransientFailure(r, failure.reply, failure.host) for r in rcpts]
+
+    def _apply_rate_limits(self, rcpts: list[str]) -> tuple[list[str], list[Result]]:
+        """Recipients whose domain is over its outbound rate are rescheduled, not attempted."""
+        allowed: list[str] = []
+        limited: list[Result] = []
+        verdicts: dict[str, float] = {}  # domain -> 0 if allowed, else seconds to wait
+        for rcpt in rcpts:
+            domain = domain_of(rcpt)
+            if domain not in verdicts:
+                verdicts[domain] = 0.0 if self._rate.allow(domain) else max(self._rate.wait_time(domain), 1.0)
+            wait = verdicts[domain]
+            if not wait:
+                allowed.append(rcpt)
+                continue
+            reply = Reply(451, "4.4.5", f"outbound rate limit for {domain} reached; rescheduled")
+            limited.append(TransientFailure(rcpt, reply, "", not_before=time.time() + wait))
+        return allowed, limited
+
+    async def _targets(self, message: StoredMessage, route: Route, domain: str) -> list[_Target]:
+        """The addresses to try, in order (at most MAX_ADDRESSES_PER_ATTEMPT). Raises DnsFailure."""
+        delivery = self._config.delivery
+        helo = self._config.effective_helo
+        targets: list[_Target] = []
+        if route.config.transport == "mx":
+            options = SessionOptions(
+                helo=helo,
+                tls=delivery.tls,
+                tls_context=self._mx_tls,
+                connect_timeout=delivery.connect_timeout,
+            )
+            for host in await self._resolver.resolve(domain):
+                targets += [_Target(host.name, a, delivery.port, options) for a in host.addresses]
+        else:
+            cfg = route.config
+            auth = (
+                (cfg.username, cfg.password)
+                if cfg.username is not None and cfg.password is not None
+                else None
+            )
+            last_dns: DnsFailure | None = None
+            for hostport in self._router.relay_hosts(route, message.envelope):
+                try:
+                    host = await self._resolver.resolve_host(hostport.host)
+                except DnsFailure as exc:  # one smarthost's name not resolving is no reason to skip the rest
+                    last_dns = exc
+                    continue
+                options = SessionOptions(
+                    helo=helo,
+                    tls=cfg.tls,
+                    tls_context=self._relay_tls,
+                    server_name=hostport.host,
+                    auth=auth,
+                    connect_timeout=delivery.connect_timeout,
+                )
+                targets += [_Target(hostport.host, a, hostport.port, options) for a in host.addresses]
+            if not targets:
+                if last_dns is not None:
+                    raise last_dns
+                raise DnsFailure(Reply(451, "4.3.5", f"{route.name} has no host to relay to"))
+        return targets[:MAX_ADDRESSES_PER_ATTEMPT]
+
+    async def _send(self, target: _Target, outgoing: Outgoing) -> TransactionReplies:
+        """One transaction through the pool. A pooled session that the upstream closed while it idled
+        (only a reused one is ever `stale`) is replaced; a few times, as several may have idled out."""
+        key = PoolKey(target.name, target.address, target.port, target.options)
+        for _ in range(STALE_RETRIES):
+            try:
+                async with self._pool.session(key) as session:
+                    return await session.send(outgoing)
+            except SessionFailure as exc:
+                if not exc.stale:
+                    raise
+        async with self._pool.session(key) as session:
+            return await session.send(outgoing)
+
+
+def _results(rcpts: list[str], replies: TransactionReplies, target: _Target) -> list[Result]:
+    """Per-recipient results: MAIL refused decides for all, else each RCPT refusal, else the final reply."""
+    host = host_label(target.name, target.address, target.port)
+    if not replies.mail.is_positive:
+        return [result_for(r, replies.mail, host) for r in rcpts]
+    results: list[Result] = []
+    for rcpt, rcpt_reply in zip(rcpts, replies.rcpt, strict=True):
+        final = replies.data if rcpt_reply.is_positive else rcpt_reply
+        assert final is not None, "an accepted recipient always has a final reply"
+        results.append(result_for(rcpt, final, host))
+    return results

@@ -1,0 +1,82 @@
+"""What a delivery attempt says about each recipient (DESIGN rule 3: replies are data).
+
+Every result carries the `Reply` that decided it — the upstream's own words when there was an answer, a
+reply we composed (with a real code and enhanced code) when there was none: a refused connection, a TLS
+failure, DNS — and the host it came from, so a DSN, a log line or a cut-through answer can name both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+from ..smtp.replies import Reply
+from ..storage import Attempt, DeliveryStatus, RecipientStatus
+from ..storage.base import RecipientState
+
+
+@dataclass(frozen=True, slots=True)
+class Delivered:
+    recipient: str
+    reply: Reply
+    host: str
+
+
+@dataclass(frozen=True, slots=True)
+class TransientFailure:
+    """Try again later. `not_before` (unix time) is set when we know when (an outbound rate limit)."""
+
+    recipient: str
+    reply: Reply
+    host: str
+    not_before: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PermanentFailure:
+    recipient: str
+    reply: Reply
+    host: str
+
+
+Result = Delivered | TransientFailure | PermanentFailure
+
+
+def result_for(recipient: str, reply: Reply, host: str) -> Result:
+    """The result an upstream reply means: 2xx delivered, 4xx retry, 5xx give up."""
+    if reply.is_positive:
+        return Delivered(recipient, reply, host)
+    if reply.is_permanent:
+        return PermanentFailure(recipient, reply, host)
+    return TransientFailure(recipient, reply, host)
+
+
+def record(status: DeliveryStatus, results: Sequence[Result], now: float) -> DeliveryStatus:
+    """The status after an attempt: each result's recipient becomes delivered, failed, or stays pending
+    with the attempt noted. Recipients without a result (not tried this time) are left as they were.
+    `next_attempt` becomes the earliest time a result asked to wait for (a rate limit), else None: the
+    scheduler decides the backoff."""
+    by_recipient = {r.recipient: r for r in results}
+    recipients = []
+    for rs in status.recipients:
+        result = by_recipient.get(rs.address)
+        if result is None or rs.state != "pending":
+            recipients.append(rs)
+            continue
+        state: RecipientState = (
+            "delivered"
+            if isinstance(result, Delivered)
+            else "failed"
+            if isinstance(result, PermanentFailure)
+            else "pending"
+        )
+        reply = result.reply
+        last = Attempt(now, reply.code, reply.enhanced, reply.text, result.host)
+        recipients.append(RecipientStatus(rs.address, state, rs.attempts + 1, last))
+    waits = [r.not_before for r in results if isinstance(r, TransientFailure) and r.not_before is not None]
+    return replace(
+        status,
+        recipients=tuple(recipients),
+        attempts=status.attempts + 1,
+        next_attempt=min(waits) if waits else None,
+    )

@@ -15,6 +15,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -37,11 +38,13 @@ def bench_config(
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
     max_connections_per_ip: int = 50,
     rcpt_domains: tuple[str, ...] = ("example.net",),
+    delivery: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The daemon's config for a bench run (keys from INTERFACE.md's Config section).
 
     A relay route sends the bench's recipient domains to the sink (no DNS); `delivery.port` points at the
-    sink too, for anything that still goes the MX way.
+    sink too, for anything that still goes the MX way. `delivery` adds to or overrides `[delivery]` keys
+    (e.g. `cut_through`, `max_connections_per_host`).
     """
     return {
         "server": {"hostname": "bench.local", "spool_dir": str(base / "spool")},
@@ -60,7 +63,7 @@ def bench_config(
             "max_message_size": max(max_message_size, DEFAULT_MAX_MESSAGE_SIZE),
             "max_connections_per_ip": max(max_connections_per_ip, 50),
         },
-        "delivery": {"port": sink_port, "cut_through": False, "tls": "none"},
+        "delivery": {"port": sink_port, "cut_through": False, "tls": "none", **(delivery or {})},
         "routes": [
             {
                 "recipient_domains": list(rcpt_domains),
@@ -95,6 +98,7 @@ class HedwigDaemon:
         cmd_template: str = DEFAULT_CMD,
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
         max_connections_per_ip: int = 50,
+        delivery: Mapping[str, Any] | None = None,
         keep: bool = False,
     ) -> None:
         self.base = Path(tempfile.mkdtemp(prefix="hedwig-bench-daemon-"))
@@ -113,6 +117,7 @@ class HedwigDaemon:
             sink_port=sink_port,
             max_message_size=max_message_size,
             max_connections_per_ip=max_connections_per_ip,
+            delivery=delivery,
         )
         self.argv = [a.format(config=str(self.config_path)) for a in shlex.split(cmd_template)]
         self.proc: subprocess.Popen[bytes] | None = None

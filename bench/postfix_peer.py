@@ -217,6 +217,26 @@ def tree_memory(root: int) -> MemorySample:
     )
 
 
+_CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def tree_cpu_seconds(root: int) -> float:
+    """CPU time (user + system) of `root`'s tree so far: its live processes plus the children it reaped.
+
+    Take the difference of two readings. Exact for trees whose processes are children of `root` (Postfix's
+    master, a single daemon); 0.0 when `root` is gone.
+    """
+    fields = _stat_fields(root)
+    if not fields:
+        return 0.0
+    ticks = int(fields[13]) + int(fields[14])  # cutime + cstime: reaped children (and theirs)
+    for pid in process_tree(root):
+        f = _stat_fields(pid)
+        if f:
+            ticks += int(f[11]) + int(f[12])  # utime + stime
+    return ticks / _CLK_TCK
+
+
 class PeakMemorySampler:
     """Samples the memory of a process tree in a background thread; keeps the peaks.
 

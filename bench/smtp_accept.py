@@ -16,19 +16,13 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import importlib.metadata
 import math
-import os
-import platform
 import shutil
-import signal
-import statistics
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
 
 from .hedwig_peer import DEFAULT_CMD, HedwigDaemon
 from .postfix_peer import (
@@ -42,13 +36,23 @@ from .postfix_peer import (
     run_smtp_source,
     wait_until,
 )
+from .report import (
+    MIB,
+    RESULTS,
+    hedwig_version,
+    loadavg,
+    machine_line,
+    markdown_table,
+    median,
+    num,
+    ratio,
+    run_interruptibly,
+)
 from .smtp_load import LoadConfig, LoadResult, run_load_sync
 
-RESULTS = Path(__file__).resolve().parent / "results"
 SMTP_SOURCE_HEADER_BYTES = 143  # From/To/Date/Message-Id that smtp-source adds before its -l payload
 TARGETS = ("postfix", "hedwigpy")
 TOOLS = ("smtp_load", "smtp-source")
-MIB = 1024.0
 
 
 @dataclass(frozen=True)
@@ -227,26 +231,6 @@ def run_hedwig(opts: Options, repeat: int) -> list[Row]:
 # Tables
 
 
-def _num(value: float | None, digits: int = 1) -> str:
-    if value is None or math.isnan(value):
-        return "—"
-    return f"{value:.{digits}f}"
-
-
-def _ratio(a: float, b: float) -> str:
-    if math.isnan(a) or math.isnan(b) or b == 0:
-        return "—"
-    return f"{a / b:.2f}x"
-
-
-def _markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
-    lines = ["| " + " | ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)) + " |"]
-    lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    lines += ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |" for r in rows]
-    return "\n".join(lines)
-
-
 RUN_HEADER = (
     "run",
     "target",
@@ -265,7 +249,7 @@ RUN_HEADER = (
 
 
 def runs_table(rows: Sequence[Row]) -> str:
-    return _markdown_table(
+    return markdown_table(
         RUN_HEADER,
         [
             (
@@ -274,13 +258,13 @@ def runs_table(rows: Sequence[Row]) -> str:
                 r.tool,
                 str(r.accepted),
                 str(r.failed),
-                _num(r.msgs_per_s),
-                _num(r.p50_ms, 2),
-                _num(r.p99_ms, 2),
-                _num(r.peak_rss_mib),
-                _num(r.peak_pss_mib),
+                num(r.msgs_per_s),
+                num(r.p50_ms, 2),
+                num(r.p99_ms, 2),
+                num(r.peak_rss_mib),
+                num(r.peak_pss_mib),
                 str(r.processes),
-                _num(r.drain_s, 2),
+                num(r.drain_s, 2),
                 r.note.replace("|", "/")[:160],
             )
             for r in rows
@@ -301,11 +285,6 @@ class Median:
     failed: int
 
 
-def _median(values: Sequence[float]) -> float:
-    finite = [v for v in values if not math.isnan(v)]
-    return statistics.median(finite) if finite else math.nan
-
-
 def medians(rows: Sequence[Row]) -> list[Median]:
     out = []
     for target in TARGETS:
@@ -317,11 +296,11 @@ def medians(rows: Sequence[Row]) -> list[Median]:
                         target,
                         tool,
                         len(sel),
-                        _median([r.msgs_per_s for r in sel]),
-                        _median([r.p50_ms for r in sel]),
-                        _median([r.p99_ms for r in sel]),
-                        _median([r.peak_rss_mib for r in sel]),
-                        _median([r.peak_pss_mib for r in sel]),
+                        median([r.msgs_per_s for r in sel]),
+                        median([r.p50_ms for r in sel]),
+                        median([r.p99_ms for r in sel]),
+                        median([r.peak_rss_mib for r in sel]),
+                        median([r.peak_pss_mib for r in sel]),
                         sum(r.failed for r in sel),
                     )
                 )
@@ -329,7 +308,7 @@ def medians(rows: Sequence[Row]) -> list[Median]:
 
 
 def medians_table(meds: Sequence[Median]) -> str:
-    return _markdown_table(
+    return markdown_table(
         (
             "target",
             "generator",
@@ -346,11 +325,11 @@ def medians_table(meds: Sequence[Median]) -> str:
                 m.target,
                 m.tool,
                 str(m.runs),
-                _num(m.msgs_per_s),
-                _num(m.p50_ms, 2),
-                _num(m.p99_ms, 2),
-                _num(m.peak_rss_mib),
-                _num(m.peak_pss_mib),
+                num(m.msgs_per_s),
+                num(m.p50_ms, 2),
+                num(m.p99_ms, 2),
+                num(m.peak_rss_mib),
+                num(m.peak_pss_mib),
                 str(m.failed),
             )
             for m in meds
@@ -367,52 +346,29 @@ def ratios_table(meds: Sequence[Median]) -> str | None:
             rows.append(
                 (
                     tool,
-                    _ratio(h.msgs_per_s, p.msgs_per_s),
-                    _ratio(h.p50_ms, p.p50_ms),
-                    _ratio(h.p99_ms, p.p99_ms),
-                    _ratio(h.peak_rss_mib, p.peak_rss_mib),
-                    _ratio(h.peak_pss_mib, p.peak_pss_mib),
+                    ratio(h.msgs_per_s, p.msgs_per_s),
+                    ratio(h.p50_ms, p.p50_ms),
+                    ratio(h.p99_ms, p.p99_ms),
+                    ratio(h.peak_rss_mib, p.peak_rss_mib),
+                    ratio(h.peak_pss_mib, p.peak_pss_mib),
                 )
             )
     if not rows:
         return None
-    return _markdown_table(("generator", "msg/s", "p50", "p99", "peak RSS", "peak PSS"), rows)
+    return markdown_table(("generator", "msg/s", "p50", "p99", "peak RSS", "peak PSS"), rows)
 
 
 # ----------------------------------------------------------------------------------------------------
 # Report
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def _loadavg() -> str:
-    try:
-        return " ".join(f"{x:.1f}" for x in os.getloadavg())
-    except OSError:
-        return "unknown"
-
-
 def environment(opts: Options, pf_version: str | None, hedwig_measured: bool) -> list[str]:
-    try:
-        hedwig_version = importlib.metadata.version("hedwigpy")
-    except importlib.metadata.PackageNotFoundError:
-        hedwig_version = "not installed"
     source_len = max(1, opts.size - SMTP_SOURCE_HEADER_BYTES)
     return [
         f"- date: {dt.datetime.now(dt.UTC).strftime('%Y-%m-%d %H:%M UTC')}",
-        f"- machine: {os.cpu_count()} CPUs ({_cpu_model()}), Linux {platform.release()}, "
-        f"Python {platform.python_version()}; load average {_loadavg()} at the end "
-        "(other work on the machine skews the figures)",
+        machine_line(),
         f"- Postfix {pf_version or 'not measured'}; hedwigpy "
-        + (f"{hedwig_version} (`{opts.hedwig_cmd}`)" if hedwig_measured else "not measured"),
+        + (f"{hedwig_version()} (`{opts.hedwig_cmd}`)" if hedwig_measured else "not measured"),
         f"- load: {opts.messages} messages of {opts.size} bytes, {opts.sessions} concurrent sessions, "
         f"{opts.per_session} messages per connection (smtp_load), {opts.rcpts} recipient(s), "
         f"{opts.repeat} repeat(s)",
@@ -488,12 +444,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _sigterm(signum: int, frame: FrameType | None) -> None:
-    # Turn SIGTERM into SIGINT: trio (inside a load run) and Python (outside) both raise KeyboardInterrupt
-    # cleanly from it, which unwinds through the context managers that stop every process we started.
-    signal.raise_signal(signal.SIGINT)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.repeat < 1 or args.messages < 1 or args.sessions < 1:
@@ -516,17 +466,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         hedwig_cmd=args.hedwig_cmd,
         keep=args.keep,
     )
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started with SIGINT ignored (`&`)
-    signal.signal(signal.SIGTERM, _sigterm)
-    try:
-        return _main(opts, args)
-    except KeyboardInterrupt:
-        pass
-    except BaseExceptionGroup as group:  # from inside a trio nursery
-        if group.subgroup(KeyboardInterrupt) is None:
-            raise
-    print("interrupted; every started process was stopped", file=sys.stderr)
-    return 130
+    return run_interruptibly(lambda: _main(opts, args))
 
 
 def _main(opts: Options, args: argparse.Namespace) -> int:
@@ -535,7 +475,7 @@ def _main(opts: Options, args: argparse.Namespace) -> int:
     rows: list[Row] = []
     errors: list[str] = []
     for repeat in range(1, opts.repeat + 1):
-        _log(f"run {repeat}/{opts.repeat} (load average {_loadavg()})")
+        _log(f"run {repeat}/{opts.repeat} (load average {loadavg()})")
         if not args.skip_postfix:
             rows += run_postfix(opts, repeat)
         if not args.skip_hedwig:

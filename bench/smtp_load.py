@@ -298,6 +298,10 @@ class LoadResult:
     message_size: int = 0
     connections: int = 0
     failure_samples: tuple[str, ...] = ()
+    # `time.monotonic()` (CLOCK_MONOTONIC, the same clock in every process of the machine) when the run
+    # started, and when each message's MAIL was sent (NaN for messages never sent), by message number.
+    started_at: float = math.nan
+    sent_at: tuple[float, ...] = field(default=(), repr=False)
 
     def summary(self) -> str:
         text = (
@@ -329,6 +333,7 @@ class _Run:
     failed: int = 0
     connections: int = 0
     failure_samples: list[str] = field(default_factory=list)
+    sent_at: list[float] = field(default_factory=list)
 
     def take(self, count: int) -> range:
         start = self.next_index
@@ -367,6 +372,7 @@ async def _session_worker(run: _Run) -> None:
                 continue
             for index in batch:
                 data = run.factory.data(index)
+                run.sent_at[index] = time.monotonic()
                 started = time.perf_counter()
                 reply = await client.send_message(cfg.sender, recipients, data)
                 latency = time.perf_counter() - started
@@ -387,7 +393,8 @@ async def run_load(cfg: LoadConfig) -> LoadResult:
     """Run one bounded load against `cfg.host:cfg.port` and summarise it."""
     cfg.validate()
     factory = MessageFactory(cfg.size, cfg.sender, cfg.recipients(), cfg.helo)
-    run = _Run(cfg, factory)
+    run = _Run(cfg, factory, sent_at=[math.nan] * cfg.messages)
+    started_at = time.monotonic()
     started = time.perf_counter()
     with trio.move_on_after(cfg.timeout) as scope:
         async with trio.open_nursery() as nursery:
@@ -410,6 +417,8 @@ async def run_load(cfg: LoadConfig) -> LoadResult:
         message_size=factory.message_size,
         connections=run.connections,
         failure_samples=tuple(run.failure_samples),
+        started_at=started_at,
+        sent_at=tuple(run.sent_at),
     )
 
 

@@ -216,7 +216,10 @@ class SmtpSession:
         body_type = message.body_type if message.body_type == "8BITMIME" else None
         commands: list[tuple[bytes, str]] = []
         if reused or conn.state is not ClientState.READY:
-            commands.append((conn.rset(), "RSET"))
+            if ext.pipelining:
+                commands.append((conn.rset(), "RSET"))
+            else:  # without PIPELINING, MAIL may be written only once RSET is answered
+                self._check_rset(await self._command(conn.rset(), "RSET", stale_ok=reused))
         commands.append(
             (conn.mail(message.sender, size=message.size, body=body_type, smtputf8=message.smtputf8), "MAIL")
         )
@@ -231,8 +234,6 @@ class SmtpSession:
                 self._check_rset(replies.pop(0))
             mail, rcpt, data = replies[0], tuple(replies[1:-1]), replies[-1]
         else:
-            if commands[0][1] == "RSET":
-                self._check_rset(await self._command(commands.pop(0)[0], "RSET", stale_ok=reused))
             mail = await self._command(commands[0][0], "MAIL")
             if not mail.is_positive:
                 return TransactionReplies(mail)

@@ -206,14 +206,18 @@ class ConnectionPool:
         try:
             yield session
         except BaseException:
-            self._release(lease, None)
-            await session.aclose(quit=False)
+            try:
+                await session.aclose(quit=False)
+            finally:
+                self._release(lease, None)
             raise
         if session.usable and session.messages < self.max_messages:
             self._release(lease, session)
         else:
-            self._release(lease, None)
-            await session.aclose()
+            try:  # the slot is free only once the session is gone (QUIT may take a while)
+                await session.aclose()
+            finally:
+                self._release(lease, None)
 
     async def _acquire(self, key: PoolKey) -> Lease[PoolKey, SmtpSession]:
         lease, expired = self._state.request(key, trio.current_time())

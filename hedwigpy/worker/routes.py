@@ -94,7 +94,10 @@ class Router:
 
     def _call_custom(self, route: Route, envelope: Envelope, hosts: list[HostPort]) -> list[HostPort]:
         try:
-            chosen = list(self._custom[route.index](envelope, [str(h) for h in hosts]))
+            returned = self._custom[route.index](envelope, [str(h) for h in hosts])
+            if isinstance(returned, str):  # one host name, which list() would split into characters
+                raise TypeError("expected a list of hosts, got a single string")
+            chosen = list(returned)
             if not all(isinstance(h, str) for h in chosen):
                 raise TypeError("the hosts must be strings")
             return [parse_hostport(h, 25) for h in chosen]

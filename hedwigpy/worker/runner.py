@@ -75,7 +75,10 @@ async def _attempt_and_release(
 ) -> None:
     try:
         await attempt(storage, deliverer, message_id)
-    except StorageError as exc:  # the message stays where it is; a restart (or the scheduler) retries it
+    except* StorageError as group:  # the message stays where it is; a restart (or the scheduler) retries it
+        exc: BaseException = group  # raised here, or (grouped) from inside deliver()'s nursery
+        while isinstance(exc, BaseExceptionGroup):
+            exc = exc.exceptions[0]
         log.error("spool error during delivery", id=message_id, error=str(exc))
     finally:
         slots.release()

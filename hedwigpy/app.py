@@ -79,7 +79,7 @@ class Daemon:
                         client_rate=self.client_rate,
                         users=users,
                         tls_available=listener.tls == "starttls",
-                        on_queued=self.inbox.submit,
+                        on_queued=self.inbox.submit_fresh,
                     )
                     await nursery.start(serve_smtp, ctx, self.limits, ssl_ctx)
                 await nursery.start(self.pool.serve)

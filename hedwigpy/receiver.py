@@ -27,7 +27,7 @@ from .policy import (
 )
 from .smtp import Mailbox, Reply
 from .smtp import events as ev
-from .storage import Envelope, InsufficientSpace, Storage, StorageError, new_message_id
+from .storage import Envelope, InsufficientSpace, Storage, StorageError, StoredMessage, new_message_id
 
 log = structlog.get_logger("hedwigpy.smtp")
 
@@ -42,7 +42,7 @@ class ReceiverContext:
     client_rate: RateLimiter
     users: dict[str, str] = field(default_factory=dict)  # name -> password hash
     tls_available: bool = False
-    on_queued: Callable[[str], None] = lambda message_id: None  # hands a spooled message to the worker
+    on_queued: Callable[[StoredMessage], None] = lambda message: None  # hands new mail to the worker
 
     @property
     def hostname(self) -> str:
@@ -253,7 +253,7 @@ class Receiver:
             client=self.client_addr,
             listener=self.ctx.listener.name,
         )
-        self.ctx.on_queued(stored.id)
+        self.ctx.on_queued(stored)
         return Reply(250, "2.0.0", f"Ok: queued as {stored.id}")
 
     async def _reset(self, event: ev.Reset) -> Reply:

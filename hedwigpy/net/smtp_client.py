@@ -17,7 +17,7 @@ from __future__ import annotations
 import ssl
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import trio
 
@@ -30,6 +30,7 @@ REPLY_TIMEOUT = 300.0
 DATA_DONE_TIMEOUT = 600.0
 CLOSE_TIMEOUT = 5.0  # QUIT and TLS close_notify on the way out; a silent server must not hold us
 RECEIVE_SIZE = 65536
+WRITE_SIZE = 65536
 
 
 class SessionFailure(Exception):
@@ -47,6 +48,7 @@ class SessionFailure(Exception):
         self.host = host
         self.after_data = after_data
         self.stale = stale
+        self.refused: dict[str, Reply] = {}  # recipient -> its RCPT refusal, received before the failure
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +84,14 @@ class TransactionReplies:
     mail: Reply
     rcpt: tuple[Reply, ...] = ()
     data: Reply | None = None
+
+
+@dataclass
+class _Replies:
+    """The replies of a transaction so far, kept when the session breaks half-way."""
+
+    mail: Reply | None = None
+    rcpt: list[Reply] = field(default_factory=list)
 
 
 def host_label(name: str, address: str, port: int) -> str:
@@ -199,7 +209,8 @@ class SmtpSession:
     # -- the mail transaction ------------------------------------------------------------------------
 
     async def send(self, message: Outgoing) -> TransactionReplies:
-        """Run one transaction. Refusals are returned as replies; a broken session raises SessionFailure."""
+        """Run one transaction. Refusals are returned as replies; a broken session raises SessionFailure,
+        whose `refused` keeps the RCPT refusals that arrived before it broke."""
         conn = self._conn
         ext = conn.extensions
         assert ext is not None and self.usable
@@ -213,34 +224,50 @@ class SmtpSession:
             )
         reused = self.messages > 0
         self.messages += 1
+        replies = _Replies()
+        try:
+            return await self._transaction(message, ext.pipelining, reused, replies)
+        except SessionFailure as exc:
+            if replies.mail is not None and replies.mail.is_positive:
+                exc.refused = {
+                    rcpt: reply
+                    for rcpt, reply in zip(message.recipients, replies.rcpt, strict=False)
+                    if not reply.is_positive
+                }
+            raise
+
+    async def _transaction(
+        self, message: Outgoing, pipelining: bool, reused: bool, got: _Replies
+    ) -> TransactionReplies:
+        conn = self._conn
         body_type = message.body_type if message.body_type == "8BITMIME" else None
-        commands: list[tuple[bytes, str]] = []
+        out = b""
         if reused or conn.state is not ClientState.READY:
-            if ext.pipelining:
-                commands.append((conn.rset(), "RSET"))
-            else:  # without PIPELINING, MAIL may be written only once RSET is answered
-                self._check_rset(await self._command(conn.rset(), "RSET", stale_ok=reused))
-        commands.append(
-            (conn.mail(message.sender, size=message.size, body=body_type, smtputf8=message.smtputf8), "MAIL")
-        )
-        if ext.pipelining:
-            commands += [(conn.rcpt(r), "RCPT") for r in message.recipients]
-            commands.append((conn.data(), "DATA"))
-            await self._write(b"".join(data for data, _ in commands), reused=reused)
-            replies = [
-                await self._reply(verb, stale_ok=reused and i == 0) for i, (_, verb) in enumerate(commands)
-            ]
-            if commands[0][1] == "RSET":
-                self._check_rset(replies.pop(0))
-            mail, rcpt, data = replies[0], tuple(replies[1:-1]), replies[-1]
+            out = conn.rset()
+            if not pipelining:  # without PIPELINING, MAIL may be written only once RSET is answered
+                self._check_rset(await self._command(out, "RSET", stale_ok=reused))
+                out = b""
+        rset_first = bool(out)
+        out += conn.mail(message.sender, size=message.size, body=body_type, smtputf8=message.smtputf8)
+        if pipelining:
+            out += b"".join(conn.rcpt(r) for r in message.recipients) + conn.data()
+            await self._write(out, reused=reused)
+            if rset_first:
+                self._check_rset(await self._reply("RSET", stale_ok=reused))
+            got.mail = await self._reply("MAIL")
+            for _ in message.recipients:
+                got.rcpt.append(await self._reply("RCPT"))
+            data = await self._reply("DATA")
         else:
-            mail = await self._command(commands[0][0], "MAIL")
-            if not mail.is_positive:
-                return TransactionReplies(mail)
-            rcpt = tuple([await self._command(conn.rcpt(r), "RCPT") for r in message.recipients])
-            if not any(r.is_positive for r in rcpt):
-                return TransactionReplies(mail, rcpt)
+            got.mail = await self._command(out, "MAIL")
+            if not got.mail.is_positive:
+                return TransactionReplies(got.mail)
+            for recipient in message.recipients:
+                got.rcpt.append(await self._command(conn.rcpt(recipient), "RCPT"))
+            if not any(r.is_positive for r in got.rcpt):
+                return TransactionReplies(got.mail, tuple(got.rcpt))
             data = await self._command(conn.data(), "DATA")
+        mail, rcpt = got.mail, tuple(got.rcpt)
         accepted = mail.is_positive and any(r.is_positive for r in rcpt)
         if data.code != 354:
             return TransactionReplies(mail, rcpt, data if accepted else None)
@@ -249,9 +276,15 @@ class SmtpSession:
             await self._write(conn.end_body())
             await self._reply("DATA_END")
             return TransactionReplies(mail, rcpt)
+        # Coalesce: a small message goes out in one write with its end, a large one in big writes.
+        pending = bytearray()
         async for chunk in message.content():
-            await self._write(conn.send_body(chunk))
-        await self._write(conn.end_body())
+            pending += conn.send_body(chunk)
+            if len(pending) >= WRITE_SIZE:
+                await self._write(bytes(pending))
+                pending.clear()
+        pending += conn.end_body()
+        await self._write(bytes(pending))
         final = await self._reply("DATA_END", limit=DATA_DONE_TIMEOUT, after_data=True)
         return TransactionReplies(mail, rcpt, final)
 

@@ -25,6 +25,7 @@ import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import BinaryIO
 
 import structlog
 import trio
@@ -269,15 +270,36 @@ class FilesystemStorage:
         if state is None:
             raise StorageError(f"no message {message_id}")
         try:
-            f = await trio.to_thread.run_sync(open, self.path(message_id, state), "rb")
+            f, first = await trio.to_thread.run_sync(self._open_content_sync, self.path(message_id, state))
         except OSError as exc:
             raise _error(exc, f"reading {message_id}") from exc
+        except CorruptFile as exc:
+            raise StorageError(f"reading {message_id}: {exc}") from exc
+        if f is None:  # a message smaller than READ_CHUNK: read whole in the one thread round trip
+            yield first
+            return
         try:
-            await trio.to_thread.run_sync(read_envelope, f)
+            yield first
             while chunk := await trio.to_thread.run_sync(f.read, READ_CHUNK):
                 yield chunk
         finally:
             f.close()
+
+    @staticmethod
+    def _open_content_sync(path: Path) -> tuple[BinaryIO | None, bytes]:
+        """Open, skip the envelope and read the first chunk; the file is returned open only if more
+        remains. Thread round trips cost more than the reads themselves for small messages."""
+        f = path.open("rb")
+        try:
+            read_envelope(f)
+            first = f.read(READ_CHUNK)
+        except BaseException:
+            f.close()
+            raise
+        if len(first) < READ_CHUNK:
+            f.close()
+            return None, first
+        return f, first
 
     def _readable_sync(self, path: Path) -> bool:
         try:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import structlog
 import trio
@@ -107,19 +107,23 @@ class Deliverer:
             smtputf8=env.smtputf8,
             content=lambda: self._storage.read_content(message.id),
         )
+        decided = limited
         failure: SessionFailure | None = None
         for target in targets:
             try:
-                replies = await self._send(target, outgoing)
+                replies = await self._send(target, replace(outgoing, recipients=rcpts))
             except SessionFailure as exc:
                 log.info("host failed", id=message.id, host=exc.host, reply=str(exc.reply))
-                if exc.after_data:  # the upstream may have the message: never hand it to another host now
-                    return limited + [TransientFailure(r, exc.reply, exc.host) for r in rcpts]
+                # RCPT refusals that came before the session broke are that host's final word on them.
+                decided = decided + [result_for(r, reply, exc.host) for r, reply in exc.refused.items()]
+                rcpts = [r for r in rcpts if r not in exc.refused]
                 failure = exc
+                if exc.after_data or not rcpts:  # the upstream may have it: no other host now
+                    break
                 continue
-            return limited + _results(rcpts, replies, target)
+            return decided + _results(rcpts, replies, target)
         assert failure is not None, "targets is never empty"
-        return limited + [TransientFailure(r, failure.reply, failure.host) for r in rcpts]
+        return decided + [TransientFailure(r, failure.reply, failure.host) for r in rcpts]
 
     def _apply_rate_limits(self, rcpts: list[str]) -> tuple[list[str], list[Result]]:
         """Recipients whose domain is over its outbound rate are rescheduled, not attempted."""
@@ -176,9 +180,10 @@ class Deliverer:
                 )
                 targets += [_Target(hostport.host, a, hostport.port, options) for a in host.addresses]
             if not targets:
-                if last_dns is not None:
-                    raise last_dns
-                raise DnsFailure(Reply(451, "4.3.5", f"{route.name} has no host to relay to"))
+                # Smarthosts that do not resolve are the operator's to fix: defer, as Postfix does for a
+                # "relayhost configuration problem", instead of bouncing everything with a 5xx.
+                reason = f": {last_dns.reply.text}" if last_dns is not None else ""
+                raise DnsFailure(Reply(451, "4.3.5", f"{route.name}: no smarthost to relay to{reason}"))
         return targets[:MAX_ADDRESSES_PER_ATTEMPT]
 
     async def _send(self, target: _Target, outgoing: Outgoing) -> TransactionReplies:

@@ -367,18 +367,17 @@ async def test_relay_skips_a_smarthost_that_does_not_resolve(
     assert isinstance(results[0], Delivered) and "relay.test" in results[0].host
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a smarthost name that does not resolve is an operator's configuration problem: Postfix defers "
-    "('relayhost configuration problem', 4.3.5) instead of bouncing every message with 550 5.1.2",
-)
 async def test_relay_without_resolvable_smarthost_defers(
     make: MakeHarness, upstreams: list[Upstream]
 ) -> None:
+    """A smarthost name that does not resolve is the operator's configuration problem: defer (Postfix's
+    "relayhost configuration problem", 4.3.5) instead of bouncing every message with 550 5.1.2."""
     port = upstreams[0].port
     h: Harness = await make(routes=[{"transport": "relay", "hosts": [f"missing.test:{port}"]}])
     results = await h.deliver("b@example.net")
     assert isinstance(results[0], TransientFailure)
+    assert (results[0].reply.code, results[0].reply.enhanced) == (451, "4.3.5")
+    assert "missing.test" in results[0].reply.text
 
 
 async def test_failing_strategy_is_transient(make: MakeHarness, upstreams: list[Upstream]) -> None:
@@ -563,10 +562,10 @@ async def test_worker_survives_a_spool_error_during_delivery(
     await nursery.start(serve_worker, storage, deliverer, inbox)
     bad = await h.message("b@example.net")
     storage.broken.add(bad.id)
-    inbox.submit(bad.id)
+    inbox.submit(bad)
     await wait_for(lambda: bool(upstreams[0].connections) and upstreams[0].connections[0].closed)
     good = await h.message("c@example.net")
-    inbox.submit(good.id)
+    inbox.submit(good)
     await wait_for(lambda: good.id not in storage.messages)  # delivered and removed
     assert upstreams[0].messages == [BODY]
     assert (await storage.get(bad.id)) is not None  # left where it was, for a later attempt

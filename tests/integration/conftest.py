@@ -6,7 +6,10 @@ from pathlib import Path
 import pytest
 import trustme
 
+from tests.dns_server import DnsServer
+
 from .daemon import Daemon, base_config
+from .upstream import UpstreamPool
 
 
 @pytest.fixture
@@ -47,3 +50,21 @@ def certfiles(ca: trustme.CA, tmp_path: Path) -> tuple[Path, Path]:
     cert.private_key_and_cert_chain_pem.write_to_path(str(cert_path))
     cert.private_key_pem.write_to_path(str(key_path))
     return cert_path, key_path
+
+
+# ---- outbound delivery (test_delivery.py, test_routes.py) ------------------------------------------------
+
+
+@pytest.fixture
+def dns() -> Iterator[DnsServer]:
+    """A loopback DNS server for the daemon's `[dns].nameservers` (see outbound.configure)."""
+    with DnsServer() as server:
+        yield server
+
+
+@pytest.fixture
+def upstreams() -> Iterator[UpstreamPool]:
+    """Test upstream servers on 127.0.0.N sharing one port; add them, then `start()` the pool."""
+    pool = UpstreamPool()
+    yield pool
+    pool.stop()

@@ -201,7 +201,7 @@ class RouteConfig:
     strategy: str = "failover"  # failover|round_robin|random|"module:function"
     username: str | None = None
     password: str | None = None
-    tls: ClientTls = "opportunistic"
+    tls: ClientTls | None = None  # None: as [delivery].tls
 
 
 @dataclass(frozen=True, slots=True)
@@ -512,7 +512,7 @@ def _route(r: Reader) -> RouteConfig:
         strategy=r.get("strategy", _strategy, "failover"),
         username=r.get("username", as_str, None),
         password=r.get("password", as_str, None),
-        tls=r.choice("tls", CLIENT_TLS, "opportunistic"),
+        tls=r.choice("tls", CLIENT_TLS, "opportunistic") if r.has("tls") else None,
     )
     if transport == "relay":
         if not r.has("hosts"):

@@ -150,7 +150,7 @@ class Deliverer:
         if route.config.transport == "mx":
             options = SessionOptions(
                 helo=helo,
-                tls=delivery.tls,
+                tls=route.config.tls or delivery.tls,
                 tls_context=self._mx_tls,
                 connect_timeout=delivery.connect_timeout,
             )
@@ -172,7 +172,7 @@ class Deliverer:
                     continue
                 options = SessionOptions(
                     helo=helo,
-                    tls=cfg.tls,
+                    tls=cfg.tls or delivery.tls,
                     tls_context=self._relay_tls,
                     server_name=hostport.host,
                     auth=auth,

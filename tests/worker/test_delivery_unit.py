@@ -569,3 +569,24 @@ async def test_worker_survives_a_spool_error_during_delivery(
     await wait_for(lambda: good.id not in storage.messages)  # delivered and removed
     assert upstreams[0].messages == [BODY]
     assert (await storage.get(bad.id)) is not None  # left where it was, for a later attempt
+
+
+async def test_an_mx_route_can_require_tls_for_one_domain(
+    make: MakeHarness, upstreams: list[Upstream]
+) -> None:
+    """`[[routes]] recipient_domains = [...], tls = "required"` keeps MX delivery but never in plaintext;
+    other domains keep `[delivery].tls`."""
+    h: Harness = await make(routes=[{"recipient_domains": ["example.net"], "tls": "required"}])
+    results = await h.deliver("b@example.net")  # the upstream offers no STARTTLS
+    assert isinstance(results[0], TransientFailure)
+    assert (results[0].reply.code, results[0].reply.enhanced) == (451, "4.7.4")
+    assert upstreams[0].messages == []
+
+
+async def test_a_route_without_tls_follows_delivery_tls(make: MakeHarness, upstreams: list[Upstream]) -> None:
+    port = upstreams[0].port
+    h: Harness = await make(
+        routes=[{"transport": "relay", "hosts": [f"{HOSTS[0]}:{port}"]}], delivery_cfg={"tls": "required"}
+    )
+    results = await h.deliver("b@example.net")
+    assert isinstance(results[0], TransientFailure) and results[0].reply.enhanced == "4.7.4"

@@ -23,7 +23,7 @@ from .worker.delivery import Deliverer
 from .worker.mx import MxResolver
 from .worker.pool import ConnectionPool
 from .worker.routes import Router
-from .worker.runner import Inbox, serve_worker
+from .worker.scheduler import Scheduler
 
 log = structlog.get_logger("hedwigpy")
 
@@ -37,8 +37,7 @@ class Daemon:
     limits: ConnectionLimits
     client_rate: RateLimiter
     pool: ConnectionPool
-    deliverer: Deliverer
-    inbox: Inbox = field(default_factory=Inbox)
+    scheduler: Scheduler
     ready: trio.Event = field(default_factory=trio.Event)
 
     @classmethod
@@ -58,7 +57,9 @@ class Daemon:
             limits=ConnectionLimits(config.limits.max_connections, config.limits.max_connections_per_ip),
             client_rate=RateLimiter(config.rate_limits.per_client),
             pool=pool,
-            deliverer=Deliverer(config, storage, resolver, pool, Router(config.routes)),
+            scheduler=Scheduler(
+                storage, Deliverer(config, storage, resolver, pool, Router(config.routes)), config
+            ),
         )
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -79,11 +80,11 @@ class Daemon:
                         client_rate=self.client_rate,
                         users=users,
                         tls_available=listener.tls == "starttls",
-                        on_queued=self.inbox.submit_fresh,
+                        on_queued=self.scheduler.submit_fresh,
                     )
                     await nursery.start(serve_smtp, ctx, self.limits, ssl_ctx)
                 await nursery.start(self.pool.serve)
-                await nursery.start(serve_worker, self.storage, self.deliverer, self.inbox)
+                await nursery.start(self.scheduler.serve)
                 self.ready.set()
                 log.info(
                     "ready", listeners=[lst.name for lst in cfg.listeners], spool=str(cfg.server.spool_dir)

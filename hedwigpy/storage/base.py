@@ -9,9 +9,11 @@ from __future__ import annotations
 import enum
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
+
+DueTimes = list[tuple[str, float]]  # (message id, unix time); an alias because Storage has a list()
 
 
 class State(enum.StrEnum):
@@ -143,7 +145,7 @@ class Storage(Protocol):
 
     async def get(self, message_id: str) -> StoredMessage | None: ...
 
-    def read_content(self, message_id: str) -> AsyncIterator[bytes]:
+    def read_content(self, message_id: str) -> AsyncGenerator[bytes, None]:
         """The message content in chunks (headers + body, exactly as committed)."""
 
     async def list(self, state: State) -> list[StoredMessage]: ...
@@ -163,5 +165,17 @@ class Storage(Protocol):
 
     async def save_status(self, message_id: str, status: DeliveryStatus) -> None:
         """Replace the message's status atomically; durable before returning. Raises StorageError."""
+
+    async def set_due(self, message_id: str, when: float) -> None:
+        """Remember when the message is next due (unix time), cheaply and without fsync: a lost update
+        only makes a retry come early. The filesystem keeps it as the data file's mtime, as Postfix
+        does for its deferred queue, so a restart schedules 100,000 messages without opening one."""
+
+    async def due_times(self, state: State) -> DueTimes:
+        """(id, due time) of every message in `state`; a message never given one reports the time it
+        entered the spool."""
+
+    def statistics(self) -> dict[str, int]:
+        """Messages per state (every State value as a key)."""
 
     async def close(self) -> None: ...

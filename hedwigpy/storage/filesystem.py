@@ -22,7 +22,7 @@ from __future__ import annotations
 import errno
 import os
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import BinaryIO
@@ -35,6 +35,7 @@ from ._format import CorruptFile, encode_envelope, read_envelope
 from ._status import MAX_STATUS_SIZE, CorruptStatus, decode_status, encode_status
 from .base import (
     DeliveryStatus,
+    DueTimes,
     Envelope,
     InsufficientSpace,
     State,
@@ -265,7 +266,7 @@ class FilesystemStorage:
 
         return await trio.to_thread.run_sync(load_all)
 
-    async def read_content(self, message_id: str) -> AsyncIterator[bytes]:
+    async def read_content(self, message_id: str) -> AsyncGenerator[bytes, None]:
         state = self.index.get(message_id)
         if state is None:
             raise StorageError(f"no message {message_id}")
@@ -461,6 +462,34 @@ class FilesystemStorage:
         except BaseException:
             _unlink_quietly(tmp)
             raise
+
+    async def set_due(self, message_id: str, when: float) -> None:
+        state = self.index.get(message_id)
+        if state is None:
+            raise StorageError(f"no message {message_id}")
+        try:
+            await trio.to_thread.run_sync(os.utime, self.path(message_id, state), (when, when))
+        except OSError as exc:
+            raise _error(exc, f"scheduling {message_id}") from exc
+
+    async def due_times(self, state: State) -> DueTimes:
+        wanted = {i for i, s in self.index.items() if s is state}
+
+        def scan() -> list[tuple[str, float]]:
+            found = []
+            for entry in os.scandir(self.root / state.value):
+                message_id = entry.name.removesuffix(".msg")
+                if message_id in wanted:
+                    try:
+                        found.append((message_id, entry.stat(follow_symlinks=False).st_mtime))
+                    except FileNotFoundError:  # moved or deleted meanwhile
+                        continue
+            return found
+
+        try:
+            return await trio.to_thread.run_sync(scan)
+        except OSError as exc:
+            raise _error(exc, f"listing {state.value}/") from exc
 
     def statistics(self) -> dict[str, int]:
         counts = dict.fromkeys((s.value for s in State), 0)

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 from .base import (
     DeliveryStatus,
+    DueTimes,
     Envelope,
     InsufficientSpace,
     State,
@@ -52,6 +53,7 @@ class MemoryStorage:
         self.fail_writes = False
         self.messages: dict[str, tuple[StoredMessage, bytes]] = {}
         self.statuses: dict[str, DeliveryStatus] = {}
+        self.due: dict[str, float] = {}
 
     async def open(self) -> None:
         return None
@@ -70,7 +72,7 @@ class MemoryStorage:
         entry = self.messages.get(message_id)
         return entry[0] if entry else None
 
-    async def read_content(self, message_id: str) -> AsyncIterator[bytes]:
+    async def read_content(self, message_id: str) -> AsyncGenerator[bytes, None]:
         entry = self.messages.get(message_id)
         if entry is None:
             raise StorageError(f"no message {message_id}")
@@ -89,6 +91,15 @@ class MemoryStorage:
     async def delete(self, message_id: str) -> None:
         self.messages.pop(message_id, None)
         self.statuses.pop(message_id, None)
+        self.due.pop(message_id, None)
+
+    async def set_due(self, message_id: str, when: float) -> None:
+        if message_id not in self.messages:
+            raise StorageError(f"no message {message_id}")
+        self.due[message_id] = when
+
+    async def due_times(self, state: State) -> DueTimes:
+        return [(m.id, self.due.get(m.id, m.envelope.received_at)) for m in await self.list(state)]
 
     async def load_status(self, message_id: str) -> DeliveryStatus:
         entry = self.messages.get(message_id)

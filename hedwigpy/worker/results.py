@@ -52,10 +52,11 @@ def result_for(recipient: str, reply: Reply, host: str) -> Result:
 
 
 def record(status: DeliveryStatus, results: Sequence[Result], now: float) -> DeliveryStatus:
-    """The status after an attempt: each result's recipient becomes delivered, failed, or stays pending
-    with the attempt noted. Recipients without a result (not tried this time) are left as they were.
-    `next_attempt` becomes the earliest time a result asked to wait for (a rate limit), else None: the
-    scheduler decides the backoff."""
+    """The status after an attempt: each result's recipient becomes delivered, failed, or stays pending,
+    with the answer kept as its last attempt. Recipients without a result are left as they were; those a
+    rate limit only rescheduled keep that reason but count no attempt (none was made), so their backoff
+    does not grow. `next_attempt` becomes the earliest time a rate limit asked for, else None: the
+    scheduler adds the backoff."""
     by_recipient = {r.recipient: r for r in results}
     recipients = []
     for rs in status.recipients:
@@ -72,11 +73,17 @@ def record(status: DeliveryStatus, results: Sequence[Result], now: float) -> Del
         )
         reply = result.reply
         last = Attempt(now, reply.code, reply.enhanced, reply.text, result.host)
-        recipients.append(RecipientStatus(rs.address, state, rs.attempts + 1, last))
+        tried = 0 if _rescheduled(result) else 1
+        recipients.append(RecipientStatus(rs.address, state, rs.attempts + tried, last))
     waits = [r.not_before for r in results if isinstance(r, TransientFailure) and r.not_before is not None]
+    attempted = any(not _rescheduled(r) for r in results)
     return replace(
         status,
         recipients=tuple(recipients),
-        attempts=status.attempts + 1,
+        attempts=status.attempts + (1 if attempted else 0),
         next_attempt=min(waits) if waits else None,
     )
+
+
+def _rescheduled(result: Result) -> bool:
+    return isinstance(result, TransientFailure) and result.not_before is not None

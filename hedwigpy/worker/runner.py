@@ -1,111 +1,137 @@
-"""The queue worker: deliver what lands in `queued/` and file each outcome in the spool.
+"""One delivery attempt of a spooled message, and filing its outcome in the spool.
 
-After an attempt the message's status is saved first (so a recipient recorded as delivered is never sent
-again, even after a crash), then the message moves: every recipient delivered → removed; any recipient
-still pending → `deferred/`; only permanent failures left → `bounced/`. Retrying `deferred/` with
-backoff and sending DSNs for `bounced/` are the scheduler's and the bounce module's work.
+The order of the writes is what makes a crash harmless:
+1. a DSN for recipients that failed this time is spooled first (a crash before step 2 can only repeat it);
+2. the status is saved (a recipient recorded as delivered is never sent again);
+3. the message moves: every recipient delivered → removed (the removal is the record, so no status is
+   saved first); any recipient pending → `deferred/`, its next due time kept as the file's mtime;
+   only permanent failures left → `bounced/`, kept `bounced_retention`.
 """
 
 from __future__ import annotations
 
+import random
 import time
+from collections.abc import Callable, Sequence
+from contextlib import aclosing
+from dataclasses import dataclass, replace
+from typing import Protocol
 
 import structlog
-import trio
 
-from ..storage import DeliveryStatus, State, Storage, StorageError, StoredMessage
-from .delivery import Deliverer
+from ..config import Config
+from ..storage import DeliveryStatus, RecipientStatus, State, Storage, StoredMessage
+from .bounce import build_dsn, header_section
 from .results import Delivered, PermanentFailure, Result, record
+from .schedule import expired, retry_delay
 
 log = structlog.get_logger("hedwigpy.worker")
 
-MAX_CONCURRENT_DELIVERIES = 100  # like Postfix's default_process_limit for smtp(8)
+DSN_HEADER_LIMIT = 64 * 1024
 
 
-class Inbox:
-    """Messages waiting for their first attempt, in arrival order. `submit` never blocks: the spool
-    already bounds how many messages exist.
+class Delivers(Protocol):
+    """What an attempt needs from delivery (`delivery.Deliverer`; tests pass scripted ones)."""
 
-    A message submitted `fresh` was just committed by a receiver, so it has no saved status yet and
-    its first attempt skips reading one (a thread round trip per message on the hot path).
-    """
-
-    def __init__(self) -> None:
-        self._waiting: dict[str, tuple[StoredMessage, bool]] = {}  # insertion order = arrival order
-        self._event = trio.Event()
-
-    def __len__(self) -> int:
-        return len(self._waiting)
-
-    def submit(self, message: StoredMessage, *, fresh: bool = False) -> None:
-        if message.id not in self._waiting:
-            self._waiting[message.id] = (message, fresh)
-            self._event.set()
-
-    def submit_fresh(self, message: StoredMessage) -> None:
-        self.submit(message, fresh=True)
-
-    async def get(self) -> tuple[StoredMessage, bool]:
-        while not self._waiting:
-            self._event = trio.Event()
-            await self._event.wait()
-        message_id = next(iter(self._waiting))
-        return self._waiting.pop(message_id)
+    async def deliver(self, message: StoredMessage, recipients: Sequence[str]) -> list[Result]: ...
 
 
-async def serve_worker(
-    storage: Storage,
-    deliverer: Deliverer,
-    inbox: Inbox,
-    *,
-    concurrency: int = MAX_CONCURRENT_DELIVERIES,
-    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    """Attempt every message in `queued/` at start, then each message submitted to `inbox`."""
-    for message in await storage.list(State.QUEUED):
-        inbox.submit(message)
-    task_status.started()
-    slots = trio.Semaphore(concurrency)
-    async with trio.open_nursery() as nursery:
-        while True:
-            message, fresh = await inbox.get()
-            await slots.acquire()
-            nursery.start_soon(_attempt_and_release, storage, deliverer, message, fresh, slots)
-
-
-async def _attempt_and_release(
-    storage: Storage, deliverer: Deliverer, message: StoredMessage, fresh: bool, slots: trio.Semaphore
-) -> None:
-    try:
-        await attempt(storage, deliverer, message, fresh=fresh)
-    except* StorageError as group:  # the message stays where it is; a restart (or the scheduler) retries it
-        exc: BaseException = group  # raised here, or (grouped) from inside deliver()'s nursery
-        while isinstance(exc, BaseExceptionGroup):
-            exc = exc.exceptions[0]
-        log.error("spool error during delivery", id=message.id, error=str(exc))
-    finally:
-        slots.release()
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    status: DeliveryStatus
+    state: State | None  # where the message is now; None when it was removed
+    due: float | None = None  # the next attempt, when deferred
+    dsn: StoredMessage | None = None  # a bounce now in queued/, to be delivered
 
 
 async def attempt(
-    storage: Storage, deliverer: Deliverer, message: StoredMessage, *, fresh: bool = False
-) -> DeliveryStatus:
-    """One delivery attempt of a queued message; returns its status afterwards."""
+    storage: Storage,
+    deliverer: Delivers,
+    config: Config,
+    message: StoredMessage,
+    *,
+    fresh: bool = False,
+    rng: random.Random | None = None,
+    clock: Callable[[], float] = time.time,
+) -> Outcome:
+    """Try the message's pending recipients once and file the outcome. `fresh`: just received, so there is
+    no saved status to read. Raises StorageError when the spool fails (the message stays as it was)."""
     status = DeliveryStatus.initial(message.envelope) if fresh else await storage.load_status(message.id)
-    pending = status.pending()
-    results = await deliverer.deliver(message, pending) if pending else []
-    status = record(status, results, time.time())
+    before = set(status.pending())
+    results = await deliverer.deliver(message, status.pending()) if before else []
+    now = clock()
+    status = record(status, results, now)
+    if status.pending() and expired(message.envelope.received_at, now, config.queue):
+        status = _expire(status, message.id)
     for result in results:
         _log_result(message.id, result)
-    failed = any(r.state == "failed" for r in status.recipients)
+    failed = [r for r in status.recipients if r.state == "failed"]
     if not status.pending() and not failed:
-        # Removing the message is its record: a status saved first would only widen nothing (a crash
-        # before the removal resends either way) and cost a write and two fsyncs per message.
         await storage.delete(message.id)
-        return status
+        return Outcome(status, None)
+    newly_failed = [r for r in failed if r.address in before]
+    dsn = await _spool_dsn(storage, config, message, newly_failed, now) if newly_failed else None
+    if newly_failed:
+        status = replace(status, bounce_sent=True)
+    if status.pending():
+        due = now + retry_delay(status.attempts, config.queue, rng or random.Random())
+        if status.next_attempt is not None:  # a rate limit said when
+            due = min(due, status.next_attempt)
+        status = replace(status, next_attempt=due)
+        await storage.save_status(message.id, status)
+        await storage.move(message.id, State.DEFERRED)
+        await storage.set_due(message.id, due)
+        log.info("deferred message", id=message.id, attempts=status.attempts, next_attempt=due)
+        return Outcome(status, State.DEFERRED, due, dsn)
     await storage.save_status(message.id, status)
-    await storage.move(message.id, State.DEFERRED if status.pending() else State.BOUNCED)
-    return status
+    await storage.move(message.id, State.BOUNCED)
+    await storage.set_due(message.id, now)  # bounced_retention counts from here
+    log.info("bounced message", id=message.id, dsn=dsn.id if dsn else None)
+    return Outcome(status, State.BOUNCED, None, dsn)
+
+
+def _expire(status: DeliveryStatus, message_id: str) -> DeliveryStatus:
+    """Past max_lifetime, the pending recipients fail with their last answer (the DSN says 4.4.7)."""
+    recipients = []
+    for rs in status.recipients:
+        if rs.state == "pending":
+            log.info("expired", id=message_id, recipient=rs.address, attempts=rs.attempts)
+            rs = replace(rs, state="failed")
+        recipients.append(rs)
+    return replace(status, recipients=tuple(recipients))
+
+
+async def _spool_dsn(
+    storage: Storage, config: Config, message: StoredMessage, failed: Sequence[RecipientStatus], now: float
+) -> StoredMessage | None:
+    """Spool an RFC 3464 bounce for `failed` to the envelope sender (none for the null sender)."""
+    head = bytearray()
+    async with aclosing(storage.read_content(message.id)) as chunks:
+        async for chunk in chunks:
+            head += chunk
+            if len(head) >= DSN_HEADER_LIMIT or b"\n\n" in head or b"\r\n\r\n" in head:
+                break
+    built = build_dsn(
+        envelope=message.envelope,
+        message_id=message.id,
+        original_headers=header_section(bytes(head), DSN_HEADER_LIMIT),
+        failed=failed,
+        reporting_mta=config.server.hostname,
+        now=now,
+    )
+    if built is None:
+        log.info("no bounce for the null sender", id=message.id)
+        return None
+    envelope, content = built
+    writer = storage.writer(envelope)
+    try:
+        await writer.write(content)
+        dsn = await writer.commit()
+    except BaseException:
+        await writer.abort()
+        raise
+    log.info("bounce queued", id=message.id, dsn=dsn.id, to=envelope.recipients[0], recipients=len(failed))
+    return dsn
 
 
 def _log_result(message_id: str, result: Result) -> None:

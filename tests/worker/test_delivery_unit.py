@@ -4,7 +4,7 @@ upstreams on 127.0.0.N (all on one port, which is `[delivery].port`)."""
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncGenerator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -24,7 +24,7 @@ from hedwigpy.worker.mx import MxResolver
 from hedwigpy.worker.pool import ConnectionPool
 from hedwigpy.worker.results import Delivered, PermanentFailure, Result, TransientFailure
 from hedwigpy.worker.routes import Router
-from hedwigpy.worker.runner import Inbox, serve_worker
+from hedwigpy.worker.scheduler import Scheduler
 from tests.dns_server import DnsServer
 from tests.scripted_upstream import BODY, PASSWORD, USER, Script, Upstream, start_upstreams, wait_for
 
@@ -544,7 +544,7 @@ class UnreadableStorage(MemoryStorage):
         super().__init__()
         self.broken: set[str] = set()
 
-    async def read_content(self, message_id: str) -> AsyncIterator[bytes]:
+    async def read_content(self, message_id: str) -> AsyncGenerator[bytes, None]:
         if message_id in self.broken:
             raise StorageError(f"reading {message_id}: Input/output error")
         async for chunk in super().read_content(message_id):
@@ -558,14 +558,14 @@ async def test_worker_survives_a_spool_error_during_delivery(
     storage = UnreadableStorage()
     h.storage = storage
     deliverer = Deliverer(h.config, storage, h.deliverer._resolver, h.pool, Router(()))
-    inbox = Inbox()
-    await nursery.start(serve_worker, storage, deliverer, inbox)
+    scheduler = Scheduler(storage, deliverer, h.config)
+    await nursery.start(scheduler.serve)
     bad = await h.message("b@example.net")
     storage.broken.add(bad.id)
-    inbox.submit(bad)
+    scheduler.submit_fresh(bad)
     await wait_for(lambda: bool(upstreams[0].connections) and upstreams[0].connections[0].closed)
     good = await h.message("c@example.net")
-    inbox.submit(good)
+    scheduler.submit_fresh(good)
     await wait_for(lambda: good.id not in storage.messages)  # delivered and removed
     assert upstreams[0].messages == [BODY]
     assert (await storage.get(bad.id)) is not None  # left where it was, for a later attempt

@@ -49,6 +49,7 @@ log = structlog.get_logger("hedwigpy.storage")
 ID_PATTERN = re.compile(r"^[0-9a-f]{24}$")
 BUFFER_LIMIT = 256 * 1024  # content kept in memory before the writer starts streaming to tmp/
 READ_CHUNK = 64 * 1024
+_CHECKED_AT_OPEN = (State.QUEUED, State.HELD)
 STATUS_DIR = "status"
 _DIRS = ("tmp", STATUS_DIR, *(s.value for s in State))
 
@@ -193,7 +194,7 @@ class FilesystemStorage:
                     log.warning("unexpected file in spool", path=entry.path)
                     continue
                 message_id = name[:-4]
-                if state is not State.CORRUPT and not self._readable_sync(Path(entry.path)):
+                if state is not State.CORRUPT and not self._plausible_sync(entry, state):
                     self._quarantine_sync(message_id, state)
                     continue
                 self.index[message_id] = state
@@ -216,7 +217,7 @@ class FilesystemStorage:
             if state is None:  # its data file is gone: a delete interrupted between the two unlinks
                 os.unlink(entry.path)
                 removed += 1
-            elif state is not State.CORRUPT:
+            elif state in _CHECKED_AT_OPEN:
                 try:
                     self._read_status_sync(message_id)
                 except (OSError, CorruptStatus) as exc:
@@ -301,6 +302,20 @@ class FilesystemStorage:
             f.close()
             return None, first
         return f, first
+
+    def _plausible_sync(self, entry: os.DirEntry[str], state: State) -> bool:
+        """At open, queued/ and held/ files are read (envelope and status): they are few and next in line.
+        deferred/ and bounced/ can hold a deep queue, so there only empty files are caught; anything else
+        unreadable is quarantined when it is loaded (`get`, `load_status`), before any delivery."""
+        if state in _CHECKED_AT_OPEN:
+            return self._readable_sync(Path(entry.path))
+        try:
+            if entry.stat(follow_symlinks=False).st_size > 0:
+                return True
+        except OSError:
+            pass
+        log.error("corrupt spool file", path=entry.path, error="empty")
+        return False
 
     def _readable_sync(self, path: Path) -> bool:
         try:

@@ -63,11 +63,10 @@ async def attempt(
     status = record(status, results, now)
     if status.pending() and expired(message.envelope.received_at, now, config.queue):
         status = _expire(status, message.id)
-    for result in results:
-        _log_result(message.id, result)
     failed = [r for r in status.recipients if r.state == "failed"]
     if not status.pending() and not failed:
         await storage.delete(message.id)
+        _log_results(message.id, results, status, None)
         return Outcome(status, None)
     newly_failed = [r for r in failed if r.address in before]
     dsn = await _spool_dsn(storage, config, message, newly_failed, now) if newly_failed else None
@@ -81,11 +80,13 @@ async def attempt(
         await storage.save_status(message.id, status)
         await storage.move(message.id, State.DEFERRED)
         await storage.set_due(message.id, due)
+        _log_results(message.id, results, status, due)
         log.info("deferred message", id=message.id, attempts=status.attempts, next_attempt=due)
         return Outcome(status, State.DEFERRED, due, dsn)
     await storage.save_status(message.id, status)
     await storage.move(message.id, State.BOUNCED)
     await storage.set_due(message.id, now)  # bounced_retention counts from here
+    _log_results(message.id, results, status, None)
     log.info("bounced message", id=message.id, dsn=dsn.id if dsn else None)
     return Outcome(status, State.BOUNCED, None, dsn)
 
@@ -134,21 +135,30 @@ async def _spool_dsn(
     return dsn
 
 
-def _log_result(message_id: str, result: Result) -> None:
-    event = (
-        "delivered"
-        if isinstance(result, Delivered)
-        else "failed"
-        if isinstance(result, PermanentFailure)
-        else "deferred"
-    )
-    reply = result.reply
-    log.info(
-        event,
-        id=message_id,
-        recipient=result.recipient,
-        host=result.host,
-        code=reply.code,
-        enhanced=reply.enhanced,
-        text=reply.text,
-    )
+def _log_results(
+    message_id: str, results: Sequence[Result], status: DeliveryStatus, next_attempt: float | None
+) -> None:
+    """One line per recipient once the outcome is on disk: event delivered, deferred or failed, with the
+    reply, the host, the recipient's attempt count and (when deferred) the next attempt."""
+    attempts = {r.address: r.attempts for r in status.recipients}
+    for result in results:
+        event = (
+            "delivered"
+            if isinstance(result, Delivered)
+            else "failed"
+            if isinstance(result, PermanentFailure)
+            else "deferred"
+        )
+        reply = result.reply
+        extra = {"next_attempt": next_attempt} if event == "deferred" and next_attempt is not None else {}
+        log.info(
+            event,
+            id=message_id,
+            recipient=result.recipient,
+            attempt=attempts.get(result.recipient, 0),
+            host=result.host,
+            code=reply.code,
+            enhanced=reply.enhanced,
+            text=reply.text,
+            **extra,
+        )

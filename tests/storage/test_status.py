@@ -255,7 +255,6 @@ async def test_corrupt_status_quarantines_at_load(fs: FilesystemStorage, raw: by
 async def test_corrupt_status_quarantines_at_open(fs: FilesystemStorage) -> None:
     bad = await _message(fs)
     good = await _message(fs)
-    await fs.move(bad, State.DEFERRED)
     await fs.save_status(good, DELIVERED_A)
     fs.status_path(bad).write_bytes(b'{"v":1,"recipients":[')
 
@@ -263,9 +262,24 @@ async def test_corrupt_status_quarantines_at_open(fs: FilesystemStorage) -> None
     await reopened.open()
     assert reopened.index == {bad: State.CORRUPT, good: State.QUEUED}
     assert files(reopened.root / "corrupt") == [f"{bad}.msg"]
-    assert files(reopened.root / "deferred") == []
+    assert files(reopened.root / "queued") == [f"{good}.msg"]
     assert await reopened.load_status(good) == DELIVERED_A
     assert files(reopened.root / "status") == sorted([f"{bad}.json", f"{good}.json"])  # kept for forensics
+
+
+async def test_a_deep_queue_is_checked_when_loaded_not_at_open(fs: FilesystemStorage) -> None:
+    """deferred/ may hold 100,000 messages: open() does not read them; the first load quarantines."""
+    bad = await _message(fs)
+    await fs.move(bad, State.DEFERRED)
+    fs.status_path(bad).write_bytes(b'{"v":1,"recipients":[')
+
+    reopened = FilesystemStorage(fs.root)
+    await reopened.open()
+    assert reopened.index == {bad: State.DEFERRED}
+    with pytest.raises(StorageError):
+        await reopened.load_status(bad)
+    assert files(reopened.root / "corrupt") == [f"{bad}.msg"]
+    assert files(reopened.root / "deferred") == []
 
 
 async def test_delete_removes_data_then_status(

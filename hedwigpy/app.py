@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import structlog
 import trio
 
+from .api import serve_http
 from .config import Config
 from .net.smtp_listener import ConnectionLimits, serve_smtp
 from .net.tls import server_context
@@ -85,6 +86,7 @@ class Daemon:
                     await nursery.start(serve_smtp, ctx, self.limits, ssl_ctx)
                 await nursery.start(self.pool.serve)
                 await nursery.start(self.scheduler.serve)
+                await nursery.start(serve_http, cfg, self.scheduler, self.ready.is_set)
                 self.ready.set()
                 log.info(
                     "ready", listeners=[lst.name for lst in cfg.listeners], spool=str(cfg.server.spool_dir)

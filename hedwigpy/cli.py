@@ -11,6 +11,7 @@ from collections.abc import Sequence
 import trio
 
 from . import __version__
+from .cli_queue import add_queue_commands, add_send_command
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -89,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     passwd = sub.add_parser("passwd", help="hash a password for [[users]] or [[api_keys]]")
     passwd.set_defaults(func=_cmd_passwd)
+    add_queue_commands(sub)
+    add_send_command(sub)
     return parser
 
 

@@ -1,0 +1,137 @@
+"""Serving the admin API: hypercorn's trio worker inside the caller's nursery (DESIGN rule 2).
+
+hypercorn's own logging is replaced by a logger that forwards to structlog: no banner on stdout, no
+access log unless the level is debug, server errors as `error` events.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+import structlog
+import trio
+from hypercorn.config import Config as HyperConfig
+from hypercorn.logging import Logger as HyperLogger
+from hypercorn.trio import serve
+from hypercorn.typing import ResponseSummary, WWWScope
+
+from ..config import Config, HostPort
+from ..worker.control import QueueControl
+from .app import create_app
+
+log = structlog.get_logger("hedwigpy.http")
+
+BACKLOG = 100
+GRACEFUL_TIMEOUT = 5.0  # seconds in-flight requests get once the server is cancelled
+
+
+class StructlogLogger(HyperLogger):
+    """hypercorn's logger interface, writing to structlog. Its chatter ("Running on ...") goes to debug."""
+
+    def __init__(self, config: HyperConfig) -> None:  # no stdlib handlers: skip the base set-up
+        self.access_log_format = config.access_log_format
+        self.access_logger = None
+        self.error_logger = None
+
+    async def access(self, request: WWWScope, response: ResponseSummary, request_time: float) -> None:
+        if response is None:  # the client left before an answer; nothing to report
+            return
+        client = request.get("client")
+        log.debug(
+            "http request",
+            method=request.get("method", "GET"),
+            path=request["path"],
+            status=response["status"],
+            ms=round(request_time * 1000, 1),
+            client=None if client is None else client[0],
+        )
+
+    async def critical(self, message: str, *args: Any, **kwargs: Any) -> None:
+        log.critical("hypercorn", message=_format(message, args), **_exc(kwargs))
+
+    async def error(self, message: str, *args: Any, **kwargs: Any) -> None:
+        log.error("hypercorn", message=_format(message, args), **_exc(kwargs))
+
+    async def exception(self, message: str, *args: Any, **kwargs: Any) -> None:
+        log.error("hypercorn", message=_format(message, args), exc_info=True)
+
+    async def warning(self, message: str, *args: Any, **kwargs: Any) -> None:
+        log.warning("hypercorn", message=_format(message, args))
+
+    async def info(self, message: str, *args: Any, **kwargs: Any) -> None:
+        log.debug("hypercorn", message=_format(message, args))
+
+    async def debug(self, message: str, *args: Any, **kwargs: Any) -> None:
+        log.debug("hypercorn", message=_format(message, args))
+
+    async def log(self, level: int, message: str, *args: Any, **kwargs: Any) -> None:
+        if level >= 40:
+            await self.error(message, *args, **kwargs)
+        elif level >= 30:
+            await self.warning(message, *args, **kwargs)
+        else:
+            await self.debug(message, *args, **kwargs)
+
+
+def _format(message: str, args: tuple[Any, ...]) -> str:
+    try:
+        return message % args if args else message
+    except (TypeError, ValueError):
+        return f"{message} {args!r}"
+
+
+def _exc(kwargs: dict[str, Any]) -> dict[str, Any]:
+    return {"exc_info": kwargs["exc_info"]} if kwargs.get("exc_info") else {}
+
+
+def hypercorn_config(fd: int) -> HyperConfig:
+    """hypercorn's settings for serving on the listening socket `fd` (which it takes over)."""
+    hconfig = HyperConfig()
+    hconfig.bind = [f"fd://{fd}"]
+    hconfig.accesslog = None
+    hconfig.errorlog = None
+    hconfig.logger_class = StructlogLogger
+    hconfig.include_server_header = False
+    hconfig.graceful_timeout = GRACEFUL_TIMEOUT
+    return hconfig
+
+
+async def bind_socket(addr: HostPort) -> socket.socket:
+    """A listening TCP socket on `addr`; raises OSError (address in use, not ours) before anything
+    else starts, so the daemon fails with that error and not deep inside hypercorn."""
+    infos = await trio.socket.getaddrinfo(
+        addr.host or None, addr.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )
+    family, type_, proto, _, sockaddr = infos[0]
+    sock = socket.socket(family, type_, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(sockaddr)
+        sock.listen(BACKLOG)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+async def serve_http(
+    config: Config,
+    queue: QueueControl,
+    ready: Callable[[], bool],
+    *,
+    task_status: trio.TaskStatus[HostPort] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve the admin API on `[http].addr` until cancelled. Started once the socket listens, with the
+    bound address (useful when the configured port is 0)."""
+    app = create_app(queue, ready, config.api_keys)
+    sock = await bind_socket(config.http.addr)
+    host, port = sock.getsockname()[:2]
+    bound = HostPort(host, port)
+    hconfig = hypercorn_config(sock.detach())  # hypercorn owns the descriptor from here on
+    async with trio.open_nursery() as nursery:
+        await nursery.start(partial(serve, app, hconfig))
+        log.info("listening", service="http", addr=str(bound), api_keys=len(config.api_keys))
+        task_status.started(bound)

@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 CONFIG ?= hedwig.toml
 
-.PHONY: run test lint typecheck pytest bench bench-accept bench-relay clean
+.PHONY: run test lint typecheck pytest bench bench-accept bench-relay bench-queue clean
 
 $(BIN)/hedwigpy: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,14 +31,17 @@ pytest: $(VENV)/.test-extras
 
 test: lint typecheck pytest
 
-# Benchmarks against a private Postfix (run as root; see bench/README.md). `make bench` runs both.
-bench: bench-accept bench-relay
+# Benchmarks against a private Postfix (run as root; see bench/README.md). `make bench` runs all three.
+bench: bench-accept bench-relay bench-queue
 
 bench-accept: $(VENV)/.test-extras
 	$(BIN)/python -m bench.smtp_accept
 
 bench-relay: $(VENV)/.test-extras
 	$(BIN)/python -m bench.relay
+
+bench-queue: $(VENV)/.test-extras
+	$(BIN)/python -m bench.queue_scale
 
 clean:
 	rm -rf $(VENV) var/ .mypy_cache .ruff_cache

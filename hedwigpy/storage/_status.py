@@ -43,6 +43,7 @@ def _encode_recipient(r: RecipientStatus) -> dict[str, Any]:
         "state": r.state,
         "attempts": r.attempts,
         "last": None if last is None else asdict(last),
+        "bounced": r.bounced,
     }
 
 
@@ -82,6 +83,7 @@ def _decode_recipient(data: object) -> RecipientStatus:
         state=cast(RecipientState, state),
         attempts=_int(data["attempts"]),
         last=None if last is None else _decode_attempt(last),
+        bounced=_bool(data.get("bounced", False)),
     )
 
 

@@ -76,12 +76,15 @@ class Attempt:
 
 @dataclass(frozen=True, slots=True)
 class RecipientStatus:
-    """Where one recipient of a message stands; "failed" is permanent (the recipient will bounce)."""
+    """Where one recipient of a message stands; "failed" is permanent. `bounced` says the sender has been
+    told (a DSN is spooled, or none may be sent: the null sender), so a crash never loses a bounce and a
+    failure recorded before the worker saw the message (cut-through) still gets one."""
 
     address: str
     state: RecipientState
     attempts: int = 0
     last: Attempt | None = None
+    bounced: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -57,21 +57,42 @@ async def attempt(
     """Try the message's pending recipients once and file the outcome. `fresh`: just received, so there is
     no saved status to read. Raises StorageError when the spool fails (the message stays as it was)."""
     status = DeliveryStatus.initial(message.envelope) if fresh else await storage.load_status(message.id)
-    before = set(status.pending())
-    results = await deliverer.deliver(message, status.pending()) if before else []
+    pending = status.pending()
+    results = await deliverer.deliver(message, pending) if pending else []
     now = clock()
     status = record(status, results, now)
     if status.pending() and expired(message.envelope.received_at, now, config.queue):
         status = _expire(status, message.id)
-    failed = [r for r in status.recipients if r.state == "failed"]
-    if not status.pending() and not failed:
+    return await file_outcome(storage, config, message, status, results, now, rng=rng)
+
+
+async def file_outcome(
+    storage: Storage,
+    config: Config,
+    message: StoredMessage,
+    status: DeliveryStatus,
+    results: Sequence[Result],
+    now: float,
+    *,
+    rng: random.Random | None = None,
+) -> Outcome:
+    """Bounce what failed, save the status, move the message (see the module docstring for the order)."""
+    unannounced = [r for r in status.recipients if r.state == "failed" and not r.bounced]
+    if not status.pending() and not unannounced and all(r.state == "delivered" for r in status.recipients):
         await storage.delete(message.id)
         _log_results(message.id, results, status, None)
         return Outcome(status, None)
-    newly_failed = [r for r in failed if r.address in before]
-    dsn = await _spool_dsn(storage, config, message, newly_failed, now) if newly_failed else None
-    if newly_failed:
-        status = replace(status, bounce_sent=True)
+    dsn = None
+    if unannounced:
+        dsn = await _spool_dsn(storage, config, message, unannounced, now)
+        announced = {r.address for r in unannounced}
+        status = replace(
+            status,
+            recipients=tuple(
+                replace(r, bounced=True) if r.address in announced else r for r in status.recipients
+            ),
+            bounce_sent=status.bounce_sent or dsn is not None,
+        )
     if status.pending():
         due = now + retry_delay(status.attempts, config.queue, rng or random.Random())
         if status.next_attempt is not None:  # a rate limit said when

@@ -15,7 +15,15 @@ import trio.testing
 
 from hedwigpy.config import Config, parse_config
 from hedwigpy.smtp import Reply
-from hedwigpy.storage import Envelope, MemoryStorage, State, StoredMessage
+from hedwigpy.storage import (
+    Attempt,
+    DeliveryStatus,
+    Envelope,
+    MemoryStorage,
+    RecipientStatus,
+    State,
+    StoredMessage,
+)
 from hedwigpy.worker.results import Result, result_for
 from hedwigpy.worker.scheduler import Scheduler
 
@@ -269,3 +277,23 @@ async def test_a_restart_rebuilds_the_schedule_from_the_spool(autojump_clock: tr
         assert restarted.times(queued.id) == pytest.approx([delivery.calls[0][0] - BASE + 0], abs=2)
         await until(lambda: deferred.id not in storage.messages)
     assert restarted.times(deferred.id) == pytest.approx([600], abs=2)  # at its due time, not at start
+
+
+async def test_a_recorded_failure_without_a_bounce_gets_one(autojump_clock: trio.testing.MockClock) -> None:
+    """A failure recorded before the worker saw the message (cut-through, or a crash between the status
+    and the DSN) is bounced by the next attempt, exactly once."""
+    storage = MemoryStorage()
+    message = await spool(storage, "gone@example.net", "busy@example.net")
+    failed = RecipientStatus(
+        "gone@example.net", "failed", 1, Attempt(wall(), 550, "5.1.1", "no such user", HOST)
+    )
+    await storage.save_status(
+        message.id, DeliveryStatus((failed, RecipientStatus("busy@example.net", "pending")))
+    )
+    delivery = ScriptedDelivery({"busy@example.net": ["450 4.2.1 busy"]})
+    async with running(storage, delivery, config()):
+        await until(lambda: len(delivery.times(message.id)) >= 3)
+        [(_, body)] = dsns(storage)
+    assert next(rcpts for _, mid, rcpts in delivery.calls if mid == message.id) == ("busy@example.net",)
+    assert b"Final-Recipient: rfc822; gone@example.net" in body and b"busy@example.net" not in body
+    assert storage.statuses[message.id].recipients[0].bounced

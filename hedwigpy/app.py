@@ -20,6 +20,7 @@ from .net.tls import server_context
 from .policy import RateLimiter
 from .receiver import ReceiverContext
 from .storage import FilesystemStorage, Storage
+from .submit import Submitter
 from .worker.delivery import Deliverer
 from .worker.mx import MxResolver
 from .worker.pool import ConnectionPool
@@ -39,6 +40,7 @@ class Daemon:
     client_rate: RateLimiter
     pool: ConnectionPool
     scheduler: Scheduler
+    submitter: Submitter
     ready: trio.Event = field(default_factory=trio.Event)
 
     @classmethod
@@ -52,15 +54,16 @@ class Daemon:
             idle_timeout=delivery.idle_timeout,
         )
         resolver = MxResolver([(ns.host, ns.port) for ns in config.dns.nameservers])
+        deliverer = Deliverer(config, storage, resolver, pool, Router(config.routes))
+        scheduler = Scheduler(storage, deliverer, config)
         return cls(
             config=config,
             storage=storage,
             limits=ConnectionLimits(config.limits.max_connections, config.limits.max_connections_per_ip),
             client_rate=RateLimiter(config.rate_limits.per_client),
             pool=pool,
-            scheduler=Scheduler(
-                storage, Deliverer(config, storage, resolver, pool, Router(config.routes)), config
-            ),
+            scheduler=scheduler,
+            submitter=Submitter(config, storage, deliverer, scheduler),
         )
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -81,7 +84,7 @@ class Daemon:
                         client_rate=self.client_rate,
                         users=users,
                         tls_available=listener.tls == "starttls",
-                        on_queued=self.scheduler.submit_fresh,
+                        submit=self.submitter.submit,
                     )
                     await nursery.start(serve_smtp, ctx, self.limits, ssl_ctx)
                 await nursery.start(self.pool.serve)

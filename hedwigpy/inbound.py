@@ -12,7 +12,7 @@ import re
 import time
 
 from .smtp import Reply
-from .storage import InsufficientSpace, MessageWriter, StorageError, StoredMessage
+from .storage import InsufficientSpace, MessageWriter, StorageError
 
 MAX_HEADER_SECTION = 1024 * 1024  # inspect at most this much; beyond it the rest streams unparsed
 
@@ -49,7 +49,8 @@ class IncomingMessage:
         self._max_hops = max_hops
         self._hostname = hostname
         self._head: bytearray | None = bytearray()
-        self.size = 0
+        self.size = 0  # octets received
+        self.stored_size = 0  # octets written to the spool (with our headers, without Bcc)
         self.hops = 0
         self.too_big = False
         self.failure: Reply | None = None
@@ -98,6 +99,7 @@ class IncomingMessage:
         await self._store(self._trace + section + extra + head[split:])
 
     async def _store(self, data: bytes) -> None:
+        self.stored_size += len(data)
         try:
             await self._writer.write(data)
         except InsufficientSpace:
@@ -120,8 +122,9 @@ class IncomingMessage:
         if self._head is not None and self.failure is None and not self.too_big:
             await self._flush_head(None, complete=True)
 
-    async def commit(self) -> StoredMessage:
-        return await self._writer.commit()
+    @property
+    def writer(self) -> MessageWriter:
+        return self._writer
 
     async def abort(self) -> None:
         await self._writer.abort()

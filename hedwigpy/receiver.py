@@ -14,7 +14,7 @@ import structlog
 import trio
 
 from . import auth
-from .config import Config, ListenerConfig
+from .config import Config, ListenerConfig, ListenerRole
 from .inbound import IncomingMessage, received_header
 from .policy import (
     IPAddress,
@@ -27,7 +27,8 @@ from .policy import (
 )
 from .smtp import Mailbox, Reply
 from .smtp import events as ev
-from .storage import Envelope, InsufficientSpace, Storage, StorageError, StoredMessage, new_message_id
+from .storage import Envelope, InsufficientSpace, MessageWriter, Storage, StorageError, new_message_id
+from .submit import Submitted
 
 log = structlog.get_logger("hedwigpy.smtp")
 
@@ -40,9 +41,9 @@ class ReceiverContext:
     listener: ListenerConfig
     storage: Storage
     client_rate: RateLimiter
+    submit: Callable[[MessageWriter, int, ListenerRole], Awaitable[Submitted]]  # cut-through or spool
     users: dict[str, str] = field(default_factory=dict)  # name -> password hash
     tls_available: bool = False
-    on_queued: Callable[[StoredMessage], None] = lambda message: None  # hands new mail to the worker
 
     @property
     def hostname(self) -> str:
@@ -235,7 +236,7 @@ class Receiver:
             log.info("rejected", id=txn.message_id, reply=str(reply), client=self.client_addr)
             return reply
         try:
-            stored = await message.commit()
+            submitted = await self.ctx.submit(message.writer, message.stored_size, self.ctx.listener.role)
         except InsufficientSpace:
             await message.abort()
             return Reply(452, "4.3.1", "Insufficient system storage")
@@ -243,18 +244,20 @@ class Receiver:
             await message.abort()
             log.error("spool write failed", id=txn.message_id, error=str(exc))
             return Reply(451, "4.3.0", "Error: queue file write error")
-        self.errors = 0  # Postfix counts errors "without delivering mail"
+        if submitted.reply.is_positive:
+            self.errors = 0  # Postfix counts errors "without delivering mail"
         log.info(
             "received",
-            id=stored.id,
+            id=submitted.message_id,
             sender=str(txn.sender),
             recipients=len(txn.recipients),
-            size=stored.size,
+            size=message.stored_size,
             client=self.client_addr,
             listener=self.ctx.listener.name,
+            path=submitted.path,
+            reply=str(submitted.reply),
         )
-        self.ctx.on_queued(stored)
-        return Reply(250, "2.0.0", f"Ok: queued as {stored.id}")
+        return submitted.reply
 
     async def _reset(self, event: ev.Reset) -> Reply:
         await self._abort()

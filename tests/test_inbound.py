@@ -21,7 +21,7 @@ async def stored(chunks: Sequence[bytes]) -> bytes:
         await incoming.write(chunk)
     await incoming.finish()
     assert incoming.verdict(False) is None
-    message = await incoming.commit()
+    message = await incoming.writer.commit()
     content = storage.messages[message.id][1]
     assert content.startswith(TRACE)
     return content[len(TRACE) :]

@@ -123,12 +123,18 @@ class MessageWriter(Protocol):
     """Streams one message into the spool; invisible to readers until `commit` returns."""
 
     message_id: str
+    envelope: Envelope
 
     async def write(self, data: bytes) -> None:
         """Append content bytes; may buffer, may hit the disk. Raises StorageError."""
 
-    async def commit(self) -> StoredMessage:
-        """Make the message durable (file and directory entry fsynced) in `queued/`."""
+    def content(self) -> AsyncGenerator[bytes, None]:
+        """What was written so far, read back before any commit (cut-through delivers from it)."""
+
+    async def commit(self, status: DeliveryStatus | None = None) -> StoredMessage:
+        """Make the message durable (file and directory entry fsynced) in `queued/`. A `status` is made
+        durable first, so the message never appears without it (recipients a cut-through already
+        delivered are never sent again, even after a crash)."""
 
     async def abort(self) -> None:
         """Discard everything written; safe to call after a failed write or twice."""

@@ -22,7 +22,7 @@ from __future__ import annotations
 import errno
 import os
 import re
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import BinaryIO
@@ -74,14 +74,15 @@ class FilesystemWriter:
 
     def __init__(self, storage: FilesystemStorage, envelope: Envelope, message_id: str) -> None:
         self.message_id = message_id
+        self.envelope = envelope
         self._storage = storage
-        self._envelope = envelope
         self._buffer = bytearray(encode_envelope(envelope))
         self._header_len = len(self._buffer)
         self._written = 0  # bytes already in the file
         self._fd: int | None = None
         self._done = False
         self._tmp = storage.root / "tmp" / f"{message_id}.msg"
+        self._flushing = trio.Lock()
 
     async def write(self, data: bytes) -> None:
         if self._done:
@@ -92,17 +93,43 @@ class FilesystemWriter:
             self._buffer.clear()
             await self._run(self._write_sync, chunk)
 
-    async def commit(self) -> StoredMessage:
+    async def content(self) -> AsyncGenerator[bytes, None]:
+        if self._done:
+            raise StorageError("writer already finished")
+        if self._fd is None:  # everything is still in memory
+            yield bytes(self._buffer[self._header_len :])
+            return
+        async with self._flushing:  # concurrent readers (one per delivery group) wait for one flush
+            if self._buffer:  # the file must hold everything before it is read back
+                chunk = bytes(self._buffer)
+                self._buffer.clear()
+                await self._run(self._write_sync, chunk)
+        try:
+            f = await trio.to_thread.run_sync(self._tmp.open, "rb")
+        except OSError as exc:
+            raise _error(exc, f"reading back {self.message_id}") from exc
+        try:
+            await trio.to_thread.run_sync(f.seek, self._header_len)
+            while chunk := await trio.to_thread.run_sync(f.read, READ_CHUNK):
+                yield chunk
+        finally:
+            f.close()
+
+    async def commit(self, status: DeliveryStatus | None = None) -> StoredMessage:
         if self._done:
             raise StorageError("writer already finished")
         chunk = bytes(self._buffer)
         self._buffer.clear()
+        if status is not None:
+            # Durable before the data file appears in queued/ (a status without its data file is an
+            # orphan that open() removes; the reverse would resend what cut-through delivered).
+            await self._run(self._storage._status_first_sync, self.message_id, encode_status(status))
         await self._run(self._commit_sync, chunk)
         self._done = True
         storage = self._storage
         await storage.syncers[State.QUEUED].sync()
         storage.index[self.message_id] = State.QUEUED
-        return StoredMessage(self.message_id, State.QUEUED, self._envelope, self._written - self._header_len)
+        return StoredMessage(self.message_id, State.QUEUED, self.envelope, self._written - self._header_len)
 
     async def abort(self) -> None:
         if self._done:
@@ -112,9 +139,9 @@ class FilesystemWriter:
         if self._fd is not None or self._written:
             await trio.to_thread.run_sync(self._discard_sync)
 
-    async def _run(self, fn: object, chunk: bytes) -> None:
+    async def _run(self, fn: Callable[..., None], *args: object) -> None:
         try:
-            await trio.to_thread.run_sync(fn, chunk)  # type: ignore[arg-type]
+            await trio.to_thread.run_sync(fn, *args)
         except OSError as exc:
             self._done = True
             await trio.to_thread.run_sync(self._discard_sync)
@@ -460,6 +487,10 @@ class FilesystemStorage:
             if self.path(message_id, candidate).exists():
                 return candidate
         return None
+
+    def _status_first_sync(self, message_id: str, data: bytes) -> None:
+        self._save_status_sync(message_id, data)
+        fsync_dir(self.root / STATUS_DIR)
 
     def _save_status_sync(self, message_id: str, data: bytes) -> None:
         final = self.status_path(message_id)

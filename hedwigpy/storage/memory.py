@@ -19,8 +19,8 @@ from .base import (
 class MemoryWriter:
     def __init__(self, storage: MemoryStorage, envelope: Envelope, message_id: str) -> None:
         self.message_id = message_id
+        self.envelope = envelope
         self._storage = storage
-        self._envelope = envelope
         self._chunks: list[bytes] = []
         self._done = False
 
@@ -31,15 +31,20 @@ class MemoryWriter:
             raise StorageError("simulated write failure")
         self._chunks.append(data)
 
-    async def commit(self) -> StoredMessage:
+    async def content(self) -> AsyncGenerator[bytes, None]:
+        yield b"".join(self._chunks)
+
+    async def commit(self, status: DeliveryStatus | None = None) -> StoredMessage:
         if self._done:
             raise StorageError("writer already finished")
         if self._storage.fail_writes:
             raise StorageError("simulated write failure")
         self._done = True
         content = b"".join(self._chunks)
-        message = StoredMessage(self.message_id, State.QUEUED, self._envelope, len(content))
+        message = StoredMessage(self.message_id, State.QUEUED, self.envelope, len(content))
         self._storage.messages[self.message_id] = (message, content)
+        if status is not None:
+            self._storage.statuses[self.message_id] = status
         return message
 
     async def abort(self) -> None:

@@ -9,8 +9,9 @@ out, banner or EHLO refused, 421, TLS failure); once a host answers the transact
 
 from __future__ import annotations
 
+import math
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, replace
 
 import structlog
@@ -67,8 +68,20 @@ class Deliverer:
         self._mx_tls = client_context(verify=False)
         self._relay_tls = client_context(verify=True)
 
-    async def deliver(self, message: StoredMessage, recipients: Sequence[str]) -> list[Result]:
-        """Try every recipient once; results come back in the order of `recipients`."""
+    async def deliver(
+        self,
+        message: StoredMessage,
+        recipients: Sequence[str],
+        *,
+        content: Callable[[], AsyncIterator[bytes]] | None = None,
+        deadline: float | None = None,
+    ) -> list[Result]:
+        """Try every recipient once; results come back in the order of `recipients`.
+
+        `content` reads the message when it is not (yet) in the spool: cut-through delivers from the
+        writer. At `deadline` (trio time) groups still waiting for an answer give up with a transient
+        451 4.4.2; the upstream may or may not have taken those.
+        """
         groups: dict[tuple[int, str], tuple[Route, list[str]]] = {}
         for rcpt in dict.fromkeys(recipients):
             route = self._router.route(message.envelope, rcpt)
@@ -77,8 +90,15 @@ class Deliverer:
         by_recipient: dict[str, Result] = {}
 
         async def one(route: Route, domain: str, rcpts: list[str]) -> None:
-            for result in await self._deliver_group(message, route, domain, rcpts):
-                by_recipient[result.recipient] = result
+            with trio.move_on_at(math.inf if deadline is None else deadline):
+                for result in await self._deliver_group(message, route, domain, rcpts, content):
+                    by_recipient[result.recipient] = result
+                return
+            reply = Reply(
+                451, "4.4.2", "no answer from the upstream in time; the message is kept and retried"
+            )
+            for rcpt in rcpts:
+                by_recipient[rcpt] = TransientFailure(rcpt, reply, "")
 
         async with trio.open_nursery() as nursery:
             for (_, domain), (route, rcpts) in groups.items():
@@ -86,7 +106,12 @@ class Deliverer:
         return [by_recipient[r] for r in dict.fromkeys(recipients)]
 
     async def _deliver_group(
-        self, message: StoredMessage, route: Route, domain: str, rcpts: list[str]
+        self,
+        message: StoredMessage,
+        route: Route,
+        domain: str,
+        rcpts: list[str],
+        content: Callable[[], AsyncIterator[bytes]] | None = None,
     ) -> list[Result]:
         rcpts, limited = self._apply_rate_limits(rcpts)
         if not rcpts:
@@ -105,7 +130,7 @@ class Deliverer:
             size=message.size,
             body_type=env.body_type,
             smtputf8=env.smtputf8,
-            content=lambda: self._storage.read_content(message.id),
+            content=content or (lambda: self._storage.read_content(message.id)),
         )
         decided = limited
         failure: SessionFailure | None = None

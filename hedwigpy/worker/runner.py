@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, replace
 from typing import Protocol
@@ -33,7 +33,14 @@ DSN_HEADER_LIMIT = 64 * 1024
 class Delivers(Protocol):
     """What an attempt needs from delivery (`delivery.Deliverer`; tests pass scripted ones)."""
 
-    async def deliver(self, message: StoredMessage, recipients: Sequence[str]) -> list[Result]: ...
+    async def deliver(
+        self,
+        message: StoredMessage,
+        recipients: Sequence[str],
+        *,
+        content: Callable[[], AsyncIterator[bytes]] | None = None,
+        deadline: float | None = None,
+    ) -> list[Result]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,8 +86,8 @@ async def file_outcome(
     """Bounce what failed, save the status, move the message (see the module docstring for the order)."""
     unannounced = [r for r in status.recipients if r.state == "failed" and not r.bounced]
     if not status.pending() and not unannounced and all(r.state == "delivered" for r in status.recipients):
+        _log_results(message.id, results, status, None)  # true already; the removal only tidies up
         await storage.delete(message.id)
-        _log_results(message.id, results, status, None)
         return Outcome(status, None)
     dsn = None
     if unannounced:

@@ -50,7 +50,8 @@ class Scheduler:
         self._clock = clock
         self._rng = rng if rng is not None else random.Random()
         self._schedule = Schedule()
-        self._fresh: dict[str, StoredMessage] = {}  # just received: metadata known, no status yet
+        # Just spooled: metadata known (no need to read it back); the flag says whether a status exists.
+        self._known: dict[str, tuple[StoredMessage, bool]] = {}
         self._running: set[str] = set()
         self._after_attempt: dict[str, str] = {}  # id -> "hold" | "delete", asked for while running
         self._wakeup = trio.Event()
@@ -58,9 +59,14 @@ class Scheduler:
     # -- the worker ----------------------------------------------------------------------------------
 
     def submit_fresh(self, message: StoredMessage) -> None:
-        """A message just committed to `queued/`: due now."""
-        self._fresh[message.id] = message
-        self._add(message.id, self._clock())
+        """A message just committed to `queued/` with no status: due now."""
+        self.submit(message, self._clock(), has_status=False)
+
+    def submit(self, message: StoredMessage, due: float, *, has_status: bool) -> None:
+        """A message just committed to `queued/`, due at `due`; `has_status` when it was committed with
+        one (cut-through recorded what it delivered or what failed)."""
+        self._known[message.id] = (message, has_status)
+        self._add(message.id, due)
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         await self._rebuild()
@@ -121,8 +127,8 @@ class Scheduler:
                 await self._delete_now(message_id)
 
     async def _attempt(self, message_id: str) -> None:
-        message = self._fresh.pop(message_id, None)
-        fresh = message is not None
+        known = self._known.pop(message_id, None)
+        message, fresh = (known[0], not known[1]) if known else (None, False)
         if message is None:
             message = await self._storage.get(message_id)
             if message is None or message.state not in _ACTIVE:
@@ -207,7 +213,7 @@ class Scheduler:
         if message is None or message.state not in _ACTIVE:
             return  # delivered, bounced or deleted by the attempt that was running
         self._schedule.remove(message_id)
-        self._fresh.pop(message_id, None)  # once released it is read back like any deferred message
+        self._known.pop(message_id, None)  # once released it is read back like any deferred message
         await self._storage.move(message_id, State.HELD)
         log.info("held", id=message_id)
 
@@ -233,6 +239,6 @@ class Scheduler:
 
     async def _delete_now(self, message_id: str) -> None:
         self._schedule.remove(message_id)
-        self._fresh.pop(message_id, None)
+        self._known.pop(message_id, None)
         await self._storage.delete(message_id)
         log.info("deleted", id=message_id)

@@ -41,7 +41,14 @@ class ScriptedDelivery:
         self.scripts.update({rcpt: list(replies) for rcpt, replies in scripts.items()})
         self.calls: list[tuple[float, str, tuple[str, ...]]] = []  # (wall time, message id, recipients)
 
-    async def deliver(self, message: StoredMessage, recipients: Sequence[str]) -> list[Result]:
+    async def deliver(
+        self,
+        message: StoredMessage,
+        recipients: Sequence[str],
+        *,
+        content: Callable[[], AsyncIterator[bytes]] | None = None,
+        deadline: float | None = None,
+    ) -> list[Result]:
         self.calls.append((wall(), message.id, tuple(recipients)))
         results: list[Result] = []
         for rcpt in recipients:

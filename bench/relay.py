@@ -100,7 +100,16 @@ def _measure(
     wait_until(lambda: not backlog(), QUEUE_SETTLE_S, interval=0.05)
     left = backlog()
     latencies = _latencies_ms(load, sink.arrivals())
-    return _row(opts, repeat, target, load, stats, why, latencies, mem, cpu, sink_cpu, left)
+    row = _row(opts, repeat, target, load, stats, why, latencies, mem, cpu, sink_cpu, left)
+    row = replace(row, wait_p50_ms=load.p50_ms, wait_p99_ms=load.p99_ms)
+    if opts.probe:
+        sink.reset()
+        cfg = replace(_load_config(opts, port), sessions=1, messages=opts.probe, per_session=opts.probe)
+        probe = run_load_sync(cfg)
+        sink.wait_for(probe.accepted, opts.delivery_timeout, opts.stall_timeout)
+        _log(f"  {target:8} one-session probe: wait p50={probe.p50_ms:.2f}ms p99={probe.p99_ms:.2f}ms")
+        row = replace(row, probe_p50_ms=probe.p50_ms, probe_p99_ms=probe.p99_ms)
+    return row
 
 
 def _row(
@@ -256,6 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", type=Path, help="markdown output (default bench/results/relay[_MODE][_SIZE B].md)"
     )
     p.add_argument("--keep", action="store_true", help="keep temporary directories (logs, spools)")
+    p.add_argument(
+        "--probe", type=int, default=300, help="messages of the one-session latency probe (0 = none)"
+    )
     return p
 
 
@@ -284,6 +296,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         in_flow_delay=args.postfix_in_flow_delay,
         hedwig_cmd=args.hedwig_cmd,
         keep=args.keep,
+        probe=args.probe,
     )
     return run_interruptibly(lambda: _main(opts, args))
 

@@ -43,6 +43,7 @@ class Options:
     in_flow_delay: str
     hedwig_cmd: str
     keep: bool
+    probe: int = 300  # messages of the one-session latency probe (0 = none)
 
     def hedwig_delivery(self) -> dict[str, Any]:
         return {
@@ -81,6 +82,10 @@ class Row:
     sink_cpu_s: float
     left: int | None  # messages still in the target's queue at the end
     note: str = ""
+    wait_p50_ms: float = math.nan  # the sender's wait per message (MAIL → final reply) under the load
+    wait_p99_ms: float = math.nan
+    probe_p50_ms: float = math.nan  # the same with one session sending one message at a time
+    probe_p99_ms: float = math.nan
 
     @property
     def msgs_per_connection(self) -> float:
@@ -263,6 +268,51 @@ def ratios_table(meds: Sequence[Median]) -> str | None:
 # Report
 
 
+def waits_table(rows: Sequence[Row]) -> str:
+    """The sender's wait, and what the target adds to the upstream's own time (the direct row's wait)."""
+    by = {t: [r for r in rows if r.target == t] for t in TARGETS}
+    direct = median([r.probe_p50_ms for r in by["direct"]]) if by["direct"] else math.nan
+    direct99 = median([r.probe_p99_ms for r in by["direct"]]) if by["direct"] else math.nan
+    lines = []
+    for target, sel in by.items():
+        if not sel:
+            continue
+        p50 = median([r.probe_p50_ms for r in sel])
+        p99 = median([r.probe_p99_ms for r in sel])
+        lines.append(
+            (
+                target,
+                num(median([r.wait_p50_ms for r in sel]), 2),
+                num(median([r.wait_p99_ms for r in sel]), 2),
+                num(p50, 2),
+                num(p99, 2),
+                "—" if target == "direct" else num(p50 - direct, 2),
+                "—" if target == "direct" else num(p99 - direct99, 2),
+            )
+        )
+    return markdown_table(
+        (
+            "target",
+            "wait p50 ms (load)",
+            "wait p99 ms (load)",
+            "wait p50 ms (1 session)",
+            "wait p99 ms (1 session)",
+            "added p50 ms",
+            "added p99 ms",
+        ),
+        lines,
+    )
+
+
+WAITS_NOTE = (
+    "The sender's wait is the generator's time per message from MAIL to the reply after the end of data: "
+    'under the full load, and in a probe of one session sending one message at a time after it. "added" '
+    "is the probe's wait minus the direct row's (the sink's own time): what the target adds while the "
+    "sender waits. In cut-through mode that wait includes the upstream's answer; Postfix (and "
+    "store-and-forward) answers after its own fsync without waiting for the upstream."
+)
+
+
 def environment(opts: Options, pf_version: str | None, measured: set[str]) -> list[str]:
     delivery = ", ".join(f"{k} = {_toml(v)}" for k, v in opts.hedwig_delivery().items())
     pf_concurrency = (
@@ -330,6 +380,8 @@ def render(opts: Options, rows: Sequence[Row], pf_version: str | None) -> str:
     ratios = ratios_table(meds)
     if ratios:
         parts += ["", "## hedwigpy / Postfix (medians)", "", ratios]
+    if opts.probe:
+        parts += ["", "## The sender's wait (medians)", "", waits_table(rows), "", WAITS_NOTE]
     parts += ["", "## Runs", "", runs_table(rows), "", NOTES, ""]
     return "\n".join(parts)
 

@@ -59,11 +59,12 @@ def decode_status(raw: bytes) -> DeliveryStatus:
         if data.get("v") != STATUS_VERSION:
             raise CorruptStatus(f"unknown status version {data.get('v')!r}")
         next_attempt = data["next_attempt"]
+        bounce_sent = _bool(data["bounce_sent"])
         return DeliveryStatus(
-            recipients=tuple(_decode_recipient(r) for r in _list(data["recipients"])),
+            recipients=tuple(_decode_recipient(r, bounce_sent) for r in _list(data["recipients"])),
             attempts=_int(data["attempts"]),
             next_attempt=None if next_attempt is None else _float(next_attempt),
-            bounce_sent=_bool(data["bounce_sent"]),
+            bounce_sent=bounce_sent,
         )
     except CorruptStatus:
         raise
@@ -71,7 +72,7 @@ def decode_status(raw: bytes) -> DeliveryStatus:
         raise CorruptStatus(f"bad status file: {exc!r}") from None
 
 
-def _decode_recipient(data: object) -> RecipientStatus:
+def _decode_recipient(data: object, bounce_sent: bool) -> RecipientStatus:
     if not isinstance(data, dict):
         raise CorruptStatus("recipient is not an object")
     state = data["state"]
@@ -83,7 +84,8 @@ def _decode_recipient(data: object) -> RecipientStatus:
         state=cast(RecipientState, state),
         attempts=_int(data["attempts"]),
         last=None if last is None else _decode_attempt(last),
-        bounced=_bool(data.get("bounced", False)),
+        # Files written before per-recipient tracking: the message-level flag said the DSN went out.
+        bounced=_bool(data.get("bounced", bounce_sent and state == "failed")),
     )
 
 

@@ -22,7 +22,7 @@ import structlog
 from ..config import Config
 from ..storage import DeliveryStatus, RecipientStatus, State, Storage, StoredMessage
 from .bounce import build_dsn, header_section
-from .results import Delivered, PermanentFailure, Result, record
+from .results import Result, record
 from .schedule import expired, retry_delay
 
 log = structlog.get_logger("hedwigpy.worker")
@@ -168,22 +168,18 @@ def _log_results(
 ) -> None:
     """One line per recipient once the outcome is on disk: event delivered, deferred or failed, with the
     reply, the host, the recipient's attempt count and (when deferred) the next attempt."""
-    attempts = {r.address: r.attempts for r in status.recipients}
+    final = {r.address: r for r in status.recipients}
     for result in results:
-        event = (
-            "delivered"
-            if isinstance(result, Delivered)
-            else "failed"
-            if isinstance(result, PermanentFailure)
-            else "deferred"
-        )
+        recorded = final.get(result.recipient)
+        state = recorded.state if recorded is not None else "pending"  # an expired recipient has failed
+        event = "deferred" if state == "pending" else state
         reply = result.reply
         extra = {"next_attempt": next_attempt} if event == "deferred" and next_attempt is not None else {}
         log.info(
             event,
             id=message_id,
             recipient=result.recipient,
-            attempt=attempts.get(result.recipient, 0),
+            attempt=recorded.attempts if recorded is not None else 0,
             host=result.host,
             code=reply.code,
             enhanced=reply.enhanced,

@@ -119,3 +119,22 @@ def test_greetings_broken_starttls_and_stopping(pool: UpstreamPool, ca: trustme.
         client.noop()
     closed(no_utf8, 1)
     assert len(no_utf8.connections) == 2 and no_utf8.max_concurrent == 1
+
+
+def test_reply_sequences_and_rescripting(pool: UpstreamPool) -> None:
+    up = pool.add("127.0.0.2", rcpt_replies={"twice@x.example": ["450 4.2.1 one", "451 4.3.0 two"]})
+    pool.start()
+    answers = []
+    with smtplib.SMTP(up.ip, pool.port, timeout=5) as client:
+        client.ehlo("c")
+        for _ in range(3):
+            client.mail("a@b.example")
+            answers.append(client.rcpt("Twice@x.example")[0])
+            client.rset()
+        up.script("later@x.example", "550 5.1.1 no")
+        client.mail("a@b.example")
+        answers.append(client.rcpt("later@x.example")[0])
+        up.script("later@x.example", None)
+        answers.append(client.rcpt("later@x.example")[0])
+    assert answers == [450, 451, 250, 550, 250]
+    assert up.rcpt_count("Twice@x.example") == 3 and up.rcpt_count("later@x.example") == 2

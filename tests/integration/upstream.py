@@ -13,10 +13,12 @@ became active, AUTH attempts with their credentials, each completed transaction 
 parameters, accepted RCPTs, content as aiosmtpd un-stuffed it) and the raw bytes it read in plaintext
 (before STARTTLS, and decrypted after), so a test can check the exact wire form of DATA.
 
-Replies are scripted: per recipient (`rcpt_replies`), the greeting (`greeting="421 ..."`; a server that
-should refuse connections is simply not started), STARTTLS (`starttls`: not offered, offered, required
-before MAIL, or "broken": 220 to STARTTLS then bytes that are not a TLS handshake, and the socket closed).
-A reply starting with 421 closes the connection after it is sent, unless `close_on_421=False`.
+Replies are scripted: per recipient (`rcpt_replies`: one reply given every time, or a list given in
+turn, one per RCPT of that address, after which the recipient is accepted; `script()` changes it later),
+the greeting (`greeting="421 ..."`; a server that should refuse connections is simply not started),
+STARTTLS (`starttls`: not offered, offered, required before MAIL, or "broken": 220 to STARTTLS then bytes
+that are not a TLS handshake, and the socket closed). A reply starting with 421 closes the connection
+after it is sent, unless `close_on_421=False`.
 
 aiosmtpd runs each server in a thread with its own asyncio loop; records are appended there and read from
 the test thread (list appends are atomic under the GIL; counters are guarded by a lock).
@@ -31,7 +33,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -136,7 +138,7 @@ class Upstream:
         cert: trustme.LeafCert | None = None,
         smtputf8: bool = True,
         greeting: str | None = None,
-        rcpt_replies: Mapping[str, str] | None = None,
+        rcpt_replies: Mapping[str, str | Sequence[str]] | None = None,
         data_delay: float = 0.0,
         credentials: tuple[str, str] | None = None,
         auth_require_tls: bool = True,
@@ -150,7 +152,10 @@ class Upstream:
         self.cert = cert
         self.smtputf8 = smtputf8
         self.greeting = greeting
-        self.rcpt_replies = {k.lower(): v for k, v in (rcpt_replies or {}).items()}
+        self._lock = threading.Lock()
+        self.rcpt_replies: dict[str, str | list[str]] = {}
+        for address, replies in (rcpt_replies or {}).items():
+            self.script(address, replies)
         self.data_delay = data_delay
         self.credentials = credentials
         self.auth_require_tls = auth_require_tls
@@ -159,7 +164,6 @@ class Upstream:
         self.connections: list[Connection] = []
         self.max_concurrent = 0
         self._open = 0
-        self._lock = threading.Lock()
         self._controller: _Controller | None = None
         self._recording = False
 
@@ -196,6 +200,27 @@ class Upstream:
         controller, self._controller = self._controller, None
         if controller is not None:
             controller.stop()
+
+    def script(self, address: str, replies: str | Sequence[str] | None) -> None:
+        """Change what RCPT TO:<address> is answered from now on: one reply every time, a list of replies
+        in turn (then accepted), or None to accept it."""
+        with self._lock:
+            if replies is None:
+                self.rcpt_replies.pop(address.lower(), None)
+            else:
+                self.rcpt_replies[address.lower()] = replies if isinstance(replies, str) else list(replies)
+
+    def _rcpt_reply(self, address: str) -> str | None:
+        """The scripted reply to this RCPT (None: accept it), consuming one of a list."""
+        with self._lock:
+            replies = self.rcpt_replies.get(address.lower())
+            if isinstance(replies, list):
+                return replies.pop(0) if replies else None
+            return replies
+
+    def rcpt_count(self, address: str) -> int:
+        """How many times RCPT TO:<address> was sent to this upstream (accepted or not)."""
+        return sum(c.rcpts.count(address) for c in list(self.connections))
 
     # ---- what it saw ----------------------------------------------------------------------------------
 
@@ -260,7 +285,7 @@ class _Handler:
     ) -> str:
         if server.record is not None:
             server.record.rcpts.append(address)
-        reply = self.upstream.rcpt_replies.get(address.lower())
+        reply = self.upstream._rcpt_reply(address)
         if reply is not None:
             return reply
         envelope.rcpt_tos.append(address)

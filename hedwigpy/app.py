@@ -9,6 +9,7 @@ from __future__ import annotations
 import signal
 import ssl
 from dataclasses import dataclass, field
+from functools import partial
 
 import structlog
 import trio
@@ -89,7 +90,13 @@ class Daemon:
                     await nursery.start(serve_smtp, ctx, self.limits, ssl_ctx)
                 await nursery.start(self.pool.serve)
                 await nursery.start(self.scheduler.serve)
-                await nursery.start(serve_http, cfg, self.scheduler, self.ready.is_set)
+                http = partial(
+                    serve_http,
+                    storage=self.storage,
+                    submit=self.submitter.submit,
+                    client_rate=self.client_rate,
+                )
+                await nursery.start(http, cfg, self.scheduler, self.ready.is_set)
                 self.ready.set()
                 log.info(
                     "ready", listeners=[lst.name for lst in cfg.listeners], spool=str(cfg.server.spool_dir)

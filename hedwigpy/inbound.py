@@ -27,12 +27,14 @@ _BCC_FIELD = re.compile(rb"^bcc[ \t]*:[^\n]*(?:\n[ \t][^\n]*)*(?:\n|\Z)", re.IGN
 def received_header(
     *, helo: str, client_ip: str, hostname: str, protocol: str, message_id: str, recipients: list[str]
 ) -> bytes:
-    """Our trace header (RFC 5321 4.4). `for` names the recipient only when there is just one."""
+    """Our trace header (RFC 5321 4.4). `for` names the recipient only when there is just one. With no
+    `helo` (REST) the client is named by its address alone: `from [ip]`."""
     for_clause = f"\r\n\tfor <{recipients[0]}>" if len(recipients) == 1 else ""
     date = email.utils.formatdate(time.time(), localtime=True)
     helo = helo.replace("\r", "").replace("\n", "")[:255]
+    client = f"{helo} ([{client_ip}])" if helo else f"[{client_ip}]"
     return (
-        f"Received: from {helo} ([{client_ip}])\r\n\tby {hostname} (hedwigpy) with {protocol}"
+        f"Received: from {client}\r\n\tby {hostname} (hedwigpy) with {protocol}"
         f" id {message_id}{for_clause};\r\n\t{date}\r\n"
     ).encode("utf-8", "surrogateescape")
 

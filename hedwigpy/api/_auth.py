@@ -92,6 +92,14 @@ class ApiAuth:
             return Denied(401, "the API key is not valid", 'Bearer realm="hedwigpy", error="invalid_token"')
         return None
 
+    async def user(self, authorization: str | None) -> str | None:
+        """The name of the key an authorized request used (its envelope's `auth_user`); None when no
+        keys are configured."""
+        token = _bearer_token(authorization)
+        if self.open_to_loopback or token is None:
+            return None
+        return await self.key_name(token)
+
     async def key_name(self, token: str) -> str | None:
         """The name of the `[[api_keys]]` entry `token` matches, or None."""
         digest = hashlib.sha256(token.encode()).digest()

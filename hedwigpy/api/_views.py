@@ -6,11 +6,13 @@ Times are RFC 3339 strings in UTC with milliseconds (`"2026-01-02T03:04:05.678Z"
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from http import HTTPStatus
 from typing import Any
 
 from ..storage import Attempt, DeliveryStatus, RecipientStatus, StoredMessage
+from ..submit import RecipientOutcome
 
 JsonObject = dict[str, Any]
 
@@ -84,6 +86,25 @@ def detail(message: StoredMessage, status: DeliveryStatus) -> JsonObject:
         "auth_user": env.auth_user,
         "status": delivery(status),
     }
+
+
+def outcome(result: RecipientOutcome) -> JsonObject:
+    """`{"address", "status": "delivered|queued|rejected", "code", "enhanced", "message"}`: the reply that
+    decided the recipient — the upstream's (its text prefixed with the host it came from) or ours."""
+    text = f"{result.host}: {result.reply.text}" if result.host else result.reply.text
+    return {
+        "address": result.address,
+        "status": result.status,
+        "code": result.reply.code,
+        "enhanced": result.reply.enhanced,
+        "message": text,
+    }
+
+
+def submission(message_id: str, status: str, recipients: Sequence[RecipientOutcome]) -> JsonObject:
+    """`POST /v1/messages`: `{"id", "status": "delivered|queued|partial|rejected", "recipients":
+    [outcome...]}`, recipients in the order they were asked for."""
+    return {"id": message_id, "status": status, "recipients": [outcome(r) for r in recipients]}
 
 
 def problem(status: int, detail: str, *, title: str | None = None, **extra: Any) -> JsonObject:

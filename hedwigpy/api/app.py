@@ -17,6 +17,12 @@ Routes (JSON bodies; shapes in `hedwigpy.api._views`; errors `application/proble
     DELETE /v1/queue/{id}             200 {"id", "action": "delete"}  404
     GET    /v1/messages/{id}          200 summary + {"listener", "client_addr", "auth_user", "status"}
                                       404 unknown
+    POST   /v1/messages               raw {"envelope_from", "recipients": [...], "raw": base64} or
+                                      structured {"from", "to", "subject", "text", ...}
+                                      200 every recipient answered · 202 any queued:
+                                      {"id", "status", "recipients": [outcome...]}
+                                      400 · 413 · 415 · 429 · 503, with "errors": [{"field", "detail"}]
+                                      (`hedwigpy.api._request`, `._compose`, `._intake`)
 
 Everything but the probes is authorized by `hedwigpy.api._auth.ApiAuth` (401 with
 `WWW-Authenticate: Bearer`, or 403).
@@ -31,13 +37,15 @@ from collections.abc import Awaitable, Callable, Sequence
 import structlog
 from quart import Response, request
 from quart_trio import QuartTrio
-from werkzeug.exceptions import HTTPException, MethodNotAllowed
+from werkzeug.exceptions import HTTPException, MethodNotAllowed, RequestEntityTooLarge
 
 from ..config import ApiKeyConfig
 from ..storage import State
 from ..worker.control import QueueControl
 from . import _views as views
 from ._auth import ApiAuth
+from ._intake import Client, MessageIntake
+from ._request import BODY, FieldError, RequestProblem
 
 log = structlog.get_logger("hedwigpy.http")
 
@@ -77,11 +85,18 @@ class _Problem(Exception):
 
 
 def create_app(
-    queue: QueueControl, ready: Callable[[], bool], api_keys: Sequence[ApiKeyConfig] = ()
+    queue: QueueControl,
+    ready: Callable[[], bool],
+    api_keys: Sequence[ApiKeyConfig] = (),
+    *,
+    intake: MessageIntake | None = None,
 ) -> QuartTrio:
-    """The admin API acting on `queue`; `ready()` answers /readyz."""
+    """The admin API acting on `queue`; `ready()` answers /readyz. `POST /v1/messages` goes to `intake`
+    (without one it answers 503)."""
     app = QuartTrio("hedwigpy.api")
     app.config["PROVIDE_AUTOMATIC_OPTIONS"] = False
+    if intake is not None:  # a bigger body is refused (413) before it is read
+        app.config["MAX_CONTENT_LENGTH"] = intake.max_body
     auth = ApiAuth(api_keys)
 
     @app.before_request
@@ -103,6 +118,23 @@ def create_app(
     @app.errorhandler(_Problem)
     async def on_problem(exc: _Problem) -> Response:
         return problem_response(exc.status, exc.detail)
+
+    @app.after_request
+    async def close_after_refused_body(response: Response) -> Response:
+        # An error may be answered before the body is read; what is left of it would stall the
+        # connection (hypercorn stops reading once the app does), so it cannot carry another request.
+        has_body = bool(request.content_length) or "Transfer-Encoding" in request.headers
+        if response.status_code >= 400 and has_body and request.http_version.startswith("1"):
+            response.headers["Connection"] = "close"
+        return response
+
+    @app.errorhandler(RequestProblem)
+    async def on_request_problem(exc: RequestProblem) -> Response:
+        body = views.problem(exc.status, exc.detail, errors=[e.json() for e in exc.errors])
+        resp = json_response(body, exc.status, views.PROBLEM_JSON)
+        for name, value in exc.headers.items():
+            resp.headers[name] = value
+        return resp
 
     @app.errorhandler(HTTPException)
     async def on_http_exception(exc: HTTPException) -> Response:
@@ -194,7 +226,53 @@ def create_app(
             raise _Problem(404, f"no message {message_id} in the queue")
         return json_response(views.detail(*shown))
 
+    @app.post("/v1/messages")
+    async def message_submit() -> Response:
+        if intake is None:
+            raise RequestProblem(503, "this server does not accept messages over HTTP")
+        if not ready():
+            raise RequestProblem(503, "the daemon is starting or draining", headers={"Retry-After": "5"})
+        _check_json_type(request.headers.get("Content-Type"))
+        try:
+            body = await request.get_data(cache=False, as_text=False, parse_form_data=False)
+        except RequestEntityTooLarge:
+            limit = intake.max_body
+            raise RequestProblem(
+                413,
+                f"the request body is larger than {limit} octets ([limits].max_message_size, base64)",
+                [FieldError(BODY, f"larger than {limit} octets")],
+            ) from None
+        message = await intake.parse(body)
+        del body
+        scope_client = request.scope.get("client")
+        user = await auth.user(request.headers.get("Authorization"))
+        answer = await intake.accept(message, _client(scope_client, user))
+        return json_response(answer.body, answer.status)
+
     return app
+
+
+def _check_json_type(content_type: str | None) -> None:
+    """A body must say it is JSON (or say nothing): a form a browser posts across sites cannot."""
+    if content_type is None:
+        return
+    media = content_type.partition(";")[0].strip().lower()
+    if media == "application/json" or (media.startswith("application/") and media.endswith("+json")):
+        return
+    raise RequestProblem(
+        415,
+        f"the body must be JSON (Content-Type: application/json), not {media or 'empty'}",
+        [FieldError("Content-Type", "must be application/json")],
+    )
+
+
+def _client(peer: object, user: str | None) -> Client:
+    """The envelope's view of the peer: its IP and "ip:port" ("[v6]:port"), as SMTP writes them."""
+    if not isinstance(peer, tuple | list) or len(peer) < 2:
+        return Client("unknown", "", user)
+    ip, port = str(peer[0]), peer[1]
+    addr = f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+    return Client(ip, addr, user)
 
 
 def _check_id(message_id: str) -> None:

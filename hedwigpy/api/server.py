@@ -19,7 +19,10 @@ from hypercorn.trio import serve
 from hypercorn.typing import ResponseSummary, WWWScope
 
 from ..config import Config, HostPort
+from ..policy import RateLimiter
+from ..storage import Storage
 from ..worker.control import QueueControl
+from ._intake import MessageIntake, SubmitFn
 from .app import create_app
 
 log = structlog.get_logger("hedwigpy.http")
@@ -122,11 +125,19 @@ async def serve_http(
     queue: QueueControl,
     ready: Callable[[], bool],
     *,
+    storage: Storage | None = None,
+    submit: SubmitFn | None = None,
+    client_rate: RateLimiter | None = None,
     task_status: trio.TaskStatus[HostPort] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the admin API on `[http].addr` until cancelled. Started once the socket listens, with the
-    bound address (useful when the configured port is 0)."""
-    app = create_app(queue, ready, config.api_keys)
+    bound address (useful when the configured port is 0). With `storage` and `submit` (the daemon's
+    `Submitter.submit`), `POST /v1/messages` accepts mail; `client_rate` is the per-client limit SMTP
+    shares."""
+    intake = None
+    if storage is not None and submit is not None:
+        intake = MessageIntake(config, storage, submit, client_rate)
+    app = create_app(queue, ready, config.api_keys, intake=intake)
     sock = await bind_socket(config.http.addr)
     host, port = sock.getsockname()[:2]
     bound = HostPort(host, port)

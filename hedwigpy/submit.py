@@ -30,7 +30,7 @@ from .config import Config, ListenerRole
 from .smtp import Reply
 from .storage import DeliveryStatus, MessageWriter, State, Storage, StoredMessage
 from .worker.results import Delivered, PermanentFailure, Result, record
-from .worker.runner import Delivers
+from .worker.runner import Delivers, log_results
 from .worker.schedule import retry_delay
 from .worker.scheduler import Scheduler
 
@@ -95,6 +95,9 @@ class Submitter:
         results = await self._deliverer.deliver(
             message, recipients, content=writer.content, deadline=deadline
         )
+        log_results(
+            writer.message_id, results, record(DeliveryStatus.initial(envelope), results, time.time()), None
+        )
         delivered = [r for r in results if isinstance(r, Delivered)]
         refused = [r for r in results if isinstance(r, PermanentFailure)]
         unfinished = len(results) - len(delivered) - len(refused)
@@ -126,14 +129,16 @@ class Submitter:
         else:
             status = record(status, results, now)
             stored = await writer.commit(status)
-            due = (
-                now + retry_delay(status.attempts, self._config.queue, self._rng) if status.pending() else now
-            )
+            due = now
+            if status.pending():
+                due = now + retry_delay(status.attempts, self._config.queue, self._rng)
+                if status.next_attempt is not None:  # a rate limit said when
+                    due = min(due, status.next_attempt)
             self._scheduler.submit(stored, due, has_status=True)
         reply = Reply(250, "2.0.0", f"Ok: queued as {stored.id}")
         outcomes = {r.recipient: r for r in results}
         recipients = tuple(
-            _outcome(outcomes[a])
+            _outcome(outcomes[a], kept=True)
             if a in outcomes and not _unfinished(outcomes[a])
             else RecipientOutcome(a, "queued", reply)
             for a in dict.fromkeys(writer.envelope.recipients)
@@ -145,20 +150,21 @@ class Submitter:
         self, writer: MessageWriter, results: Sequence[Result], reply: Reply, path: Path
     ) -> Submitted:
         log.info("submitted", id=writer.message_id, path=path, reply=str(reply))
-        return Submitted(writer.message_id, reply, tuple(_outcome(r) for r in results), path)
+        return Submitted(writer.message_id, reply, tuple(_outcome(r, kept=False) for r in results), path)
 
 
 def _unfinished(result: Result) -> bool:
     return not isinstance(result, Delivered | PermanentFailure)
 
 
-def _outcome(result: Result) -> RecipientOutcome:
+def _outcome(result: Result, *, kept: bool) -> RecipientOutcome:
+    """A recipient's summary; an unfinished one is "queued" only when the message was kept."""
     status: RecipientState = (
         "delivered"
         if isinstance(result, Delivered)
-        else "rejected"
-        if isinstance(result, PermanentFailure)
         else "queued"
+        if kept and not isinstance(result, PermanentFailure)
+        else "rejected"
     )
     return RecipientOutcome(result.recipient, status, result.reply, result.host)
 
@@ -173,8 +179,13 @@ def _shared_reply(results: Sequence[Result]) -> Reply | None:
 
 def _relayed(result: Result) -> Reply:
     """An upstream reply as we pass it on: its codes, its text prefixed with the host, no control
-    characters (a bare CR from upstream must never reach our client's wire)."""
-    lines = ["".join(c if c.isprintable() else " " for c in line) for line in result.reply.text.split("\n")]
+    characters (a bare CR from upstream must never reach our client's wire). Two changes: a missing
+    enhanced code becomes X.0.0 (every reply of ours carries one), and 421 becomes 451 — the upstream
+    closing its session is no reason to close ours."""
+    reply = result.reply
+    lines = ["".join(c if c.isprintable() else " " for c in line) for line in reply.text.split("\n")]
     if result.host:
         lines[0] = f"{result.host}: {lines[0]}"
-    return Reply(result.reply.code, result.reply.enhanced, "\n".join(lines))
+    code = 451 if reply.code == 421 else reply.code
+    enhanced = reply.enhanced or f"{code // 100}.0.0"
+    return Reply(code, enhanced, "\n".join(lines))

@@ -94,9 +94,7 @@ class Deliverer:
                 for result in await self._deliver_group(message, route, domain, rcpts, content):
                     by_recipient[result.recipient] = result
                 return
-            reply = Reply(
-                451, "4.4.2", "no answer from the upstream in time; the message is kept and retried"
-            )
+            reply = Reply(451, "4.4.2", "no answer from the upstream within the time allowed")
             for rcpt in rcpts:
                 by_recipient[rcpt] = TransientFailure(rcpt, reply, "")
 

@@ -86,7 +86,7 @@ async def file_outcome(
     """Bounce what failed, save the status, move the message (see the module docstring for the order)."""
     unannounced = [r for r in status.recipients if r.state == "failed" and not r.bounced]
     if not status.pending() and not unannounced and all(r.state == "delivered" for r in status.recipients):
-        _log_results(message.id, results, status, None)  # true already; the removal only tidies up
+        log_results(message.id, results, status, None)  # true already; the removal only tidies up
         await storage.delete(message.id)
         return Outcome(status, None)
     dsn = None
@@ -108,13 +108,13 @@ async def file_outcome(
         await storage.save_status(message.id, status)
         await storage.move(message.id, State.DEFERRED)
         await storage.set_due(message.id, due)
-        _log_results(message.id, results, status, due)
+        log_results(message.id, results, status, due)
         log.info("deferred message", id=message.id, attempts=status.attempts, next_attempt=due)
         return Outcome(status, State.DEFERRED, due, dsn)
     await storage.save_status(message.id, status)
     await storage.move(message.id, State.BOUNCED)
     await storage.set_due(message.id, now)  # bounced_retention counts from here
-    _log_results(message.id, results, status, None)
+    log_results(message.id, results, status, None)
     log.info("bounced message", id=message.id, dsn=dsn.id if dsn else None)
     return Outcome(status, State.BOUNCED, None, dsn)
 
@@ -163,7 +163,7 @@ async def _spool_dsn(
     return dsn
 
 
-def _log_results(
+def log_results(
     message_id: str, results: Sequence[Result], status: DeliveryStatus, next_attempt: float | None
 ) -> None:
     """One line per recipient once the outcome is on disk: event delivered, deferred or failed, with the

@@ -8,6 +8,7 @@ whole message streams to the storage writer; a 20 MB body is never held in memor
 from __future__ import annotations
 
 import email.utils
+import functools
 import re
 import time
 
@@ -24,13 +25,23 @@ _HEADER_END = re.compile(rb"\r?\n\r?\n")
 _BCC_FIELD = re.compile(rb"^bcc[ \t]*:[^\n]*(?:\n[ \t][^\n]*)*(?:\n|\Z)", re.IGNORECASE | re.MULTILINE)
 
 
+@functools.lru_cache(maxsize=2)
+def _date_at(second: int) -> str:
+    return email.utils.formatdate(second, localtime=True)
+
+
+def _date_now() -> str:
+    """RFC 5322 date of this second; formatting it once per second, not once per message."""
+    return _date_at(int(time.time()))
+
+
 def received_header(
     *, helo: str, client_ip: str, hostname: str, protocol: str, message_id: str, recipients: list[str]
 ) -> bytes:
     """Our trace header (RFC 5321 4.4). `for` names the recipient only when there is just one. With no
     `helo` (REST) the client is named by its address alone: `from [ip]`."""
     for_clause = f"\r\n\tfor <{recipients[0]}>" if len(recipients) == 1 else ""
-    date = email.utils.formatdate(time.time(), localtime=True)
+    date = _date_now()
     helo = helo.replace("\r", "").replace("\n", "")[:255]
     client = f"{helo} ([{client_ip}])" if helo else f"[{client_ip}]"
     return (

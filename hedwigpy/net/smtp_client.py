@@ -307,15 +307,24 @@ class SmtpSession:
         self, verb: str, *, limit: float | None = None, after_data: bool = False, stale_ok: bool = False
     ) -> Reply:
         """The next reply, which must answer `verb`. A 421 anywhere ends the session (SessionFailure)."""
-        with self._io_errors("reading from", after_data=after_data, stale_ok=stale_ok):
-            with trio.fail_after(limit if limit is not None else self.options.reply_timeout):
-                while True:
-                    event = self._conn.next_event()
-                    if event is not None:
-                        break
-                    if self._conn.state is ClientState.CLOSED:
-                        raise trio.BrokenResourceError("the session is closed")
-                    self._conn.receive_data(await self._stream.receive_some(RECEIVE_SIZE))
+        # Pipelined replies usually arrive together: take one already parsed without setting up timeouts.
+        failed: RemoteProtocolError | None = None
+        try:
+            event = self._conn.next_event()
+        except RemoteProtocolError as exc:
+            event, failed = None, exc
+        if event is None:
+            with self._io_errors("reading from", after_data=after_data, stale_ok=stale_ok):
+                if failed is not None:
+                    raise failed
+                with trio.fail_after(limit if limit is not None else self.options.reply_timeout):
+                    while True:
+                        if self._conn.state is ClientState.CLOSED:
+                            raise trio.BrokenResourceError("the session is closed")
+                        self._conn.receive_data(await self._stream.receive_some(RECEIVE_SIZE))
+                        event = self._conn.next_event()
+                        if event is not None:
+                            break
         assert event.command in (verb, "UNSOLICITED"), (event.command, verb)
         if event.reply.code == 421 or event.command == "UNSOLICITED":
             raise SessionFailure(event.reply, self.label, after_data=after_data, stale=stale_ok)

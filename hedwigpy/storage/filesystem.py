@@ -76,9 +76,10 @@ class FilesystemWriter:
         self.message_id = message_id
         self.envelope = envelope
         self._storage = storage
-        self._buffer = bytearray(encode_envelope(envelope))
-        self._header_len = len(self._buffer)
-        self._written = 0  # bytes already in the file
+        self._buffer = bytearray()  # content not yet in the file
+        self._header_len = 0  # the envelope line, encoded when the file is created (cut-through mail
+        # that is never kept never needs it)
+        self._written = 0  # bytes already in the file, envelope line included
         self._fd: int | None = None
         self._done = False
         self._tmp = storage.root / "tmp" / f"{message_id}.msg"
@@ -97,7 +98,7 @@ class FilesystemWriter:
         if self._done:
             raise StorageError("writer already finished")
         if self._fd is None:  # everything is still in memory
-            yield bytes(self._buffer[self._header_len :])
+            yield bytes(self._buffer)
             return
         async with self._flushing:  # concurrent readers (one per delivery group) wait for one flush
             if self._buffer:  # the file must hold everything before it is read back
@@ -152,6 +153,9 @@ class FilesystemWriter:
     def _write_sync(self, chunk: bytes) -> None:
         if self._fd is None:
             self._fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            header = encode_envelope(self.envelope)
+            self._header_len = len(header)
+            chunk = header + chunk
         view = memoryview(chunk)
         while view:
             n = os.write(self._fd, view)

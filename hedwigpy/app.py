@@ -16,6 +16,7 @@ import trio
 
 from .api import serve_http
 from .config import Config
+from .events import EventBus
 from .net.smtp_listener import ConnectionLimits, serve_smtp
 from .net.tls import server_context
 from .policy import RateLimiter
@@ -42,6 +43,7 @@ class Daemon:
     pool: ConnectionPool
     scheduler: Scheduler
     submitter: Submitter
+    events: EventBus
     ready: trio.Event = field(default_factory=trio.Event)
 
     @classmethod
@@ -56,7 +58,8 @@ class Daemon:
         )
         resolver = MxResolver([(ns.host, ns.port) for ns in config.dns.nameservers])
         deliverer = Deliverer(config, storage, resolver, pool, Router(config.routes))
-        scheduler = Scheduler(storage, deliverer, config)
+        events = EventBus()
+        scheduler = Scheduler(storage, deliverer, config, events=events)
         return cls(
             config=config,
             storage=storage,
@@ -64,7 +67,8 @@ class Daemon:
             client_rate=RateLimiter(config.rate_limits.per_client),
             pool=pool,
             scheduler=scheduler,
-            submitter=Submitter(config, storage, deliverer, scheduler),
+            submitter=Submitter(config, storage, deliverer, scheduler, events=events),
+            events=events,
         )
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

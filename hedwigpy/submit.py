@@ -27,6 +27,7 @@ import structlog
 import trio
 
 from .config import Config, ListenerRole
+from .events import EventBus
 from .smtp import Reply
 from .storage import DeliveryStatus, MessageWriter, State, Storage, StoredMessage
 from .worker.results import Delivered, PermanentFailure, Result, record
@@ -76,7 +77,9 @@ class Submitter:
         scheduler: Scheduler,
         *,
         rng: random.Random | None = None,
+        events: EventBus | None = None,
     ) -> None:
+        self._events = events
         self._config = config
         self._storage = storage
         self._deliverer = deliverer
@@ -87,6 +90,15 @@ class Submitter:
         """Deliver or spool a complete message. Raises StorageError when it had to be kept and could not."""
         envelope = writer.envelope
         recipients = list(dict.fromkeys(envelope.recipients))
+        if self._events is not None:  # first, so subscribers see it before any delivery event
+            self._events.publish(
+                "received",
+                writer.message_id,
+                sender=envelope.sender,
+                recipients=recipients,
+                listener=envelope.listener,
+                size=size,
+            )
         delivery = self._config.delivery
         if not delivery.cut_through:
             return await self._keep(writer, None, [])
@@ -95,9 +107,8 @@ class Submitter:
         results = await self._deliverer.deliver(
             message, recipients, content=writer.content, deadline=deadline
         )
-        log_results(
-            writer.message_id, results, record(DeliveryStatus.initial(envelope), results, time.time()), None
-        )
+        status = record(DeliveryStatus.initial(envelope), results, time.time())
+        log_results(writer.message_id, results, status, None, self._events)
         delivered = [r for r in results if isinstance(r, Delivered)]
         refused = [r for r in results if isinstance(r, PermanentFailure)]
         unfinished = len(results) - len(delivered) - len(refused)

@@ -20,6 +20,7 @@ from typing import Protocol
 import structlog
 
 from ..config import Config
+from ..events import EventBus
 from ..storage import DeliveryStatus, RecipientStatus, State, Storage, StoredMessage
 from .bounce import build_dsn, header_section
 from .results import Result, record
@@ -28,6 +29,7 @@ from .schedule import expired, retry_delay
 log = structlog.get_logger("hedwigpy.worker")
 
 DSN_HEADER_LIMIT = 64 * 1024
+_EVENT_TYPES = {"delivered": "delivered", "deferred": "deferred", "failed": "bounced"}
 
 
 class Delivers(Protocol):
@@ -60,6 +62,7 @@ async def attempt(
     fresh: bool = False,
     rng: random.Random | None = None,
     clock: Callable[[], float] = time.time,
+    events: EventBus | None = None,
 ) -> Outcome:
     """Try the message's pending recipients once and file the outcome. `fresh`: just received, so there is
     no saved status to read. Raises StorageError when the spool fails (the message stays as it was)."""
@@ -70,7 +73,7 @@ async def attempt(
     status = record(status, results, now)
     if status.pending() and expired(message.envelope.received_at, now, config.queue):
         status = _expire(status, message.id)
-    return await file_outcome(storage, config, message, status, results, now, rng=rng)
+    return await file_outcome(storage, config, message, status, results, now, rng=rng, events=events)
 
 
 async def file_outcome(
@@ -82,11 +85,12 @@ async def file_outcome(
     now: float,
     *,
     rng: random.Random | None = None,
+    events: EventBus | None = None,
 ) -> Outcome:
     """Bounce what failed, save the status, move the message (see the module docstring for the order)."""
     unannounced = [r for r in status.recipients if r.state == "failed" and not r.bounced]
     if not status.pending() and not unannounced and all(r.state == "delivered" for r in status.recipients):
-        log_results(message.id, results, status, None)  # true already; the removal only tidies up
+        log_results(message.id, results, status, None, events)  # true already; the removal only tidies up
         await storage.delete(message.id)
         return Outcome(status, None)
     dsn = None
@@ -108,13 +112,13 @@ async def file_outcome(
         await storage.save_status(message.id, status)
         await storage.move(message.id, State.DEFERRED)
         await storage.set_due(message.id, due)
-        log_results(message.id, results, status, due)
+        log_results(message.id, results, status, due, events)
         log.info("deferred message", id=message.id, attempts=status.attempts, next_attempt=due)
         return Outcome(status, State.DEFERRED, due, dsn)
     await storage.save_status(message.id, status)
     await storage.move(message.id, State.BOUNCED)
     await storage.set_due(message.id, now)  # bounced_retention counts from here
-    log_results(message.id, results, status, None)
+    log_results(message.id, results, status, None, events)
     log.info("bounced message", id=message.id, dsn=dsn.id if dsn else None)
     return Outcome(status, State.BOUNCED, None, dsn)
 
@@ -164,7 +168,11 @@ async def _spool_dsn(
 
 
 def log_results(
-    message_id: str, results: Sequence[Result], status: DeliveryStatus, next_attempt: float | None
+    message_id: str,
+    results: Sequence[Result],
+    status: DeliveryStatus,
+    next_attempt: float | None,
+    events: EventBus | None = None,
 ) -> None:
     """One line per recipient once the outcome is on disk: event delivered, deferred or failed, with the
     reply, the host, the recipient's attempt count and (when deferred) the next attempt."""
@@ -186,3 +194,15 @@ def log_results(
             text=reply.text,
             **extra,
         )
+        if events is not None:
+            events.publish(
+                _EVENT_TYPES[event],
+                message_id,
+                recipient=result.recipient,
+                attempt=recorded.attempts if recorded is not None else 0,
+                host=result.host,
+                code=reply.code,
+                enhanced=reply.enhanced,
+                text=reply.text,
+                **extra,
+            )

@@ -19,6 +19,7 @@ import structlog
 import trio
 
 from ..config import Config
+from ..events import EventBus
 from ..storage import DeliveryStatus, State, Storage, StorageError, StoredMessage
 from .runner import Delivers, attempt
 from .schedule import Schedule
@@ -42,8 +43,10 @@ class Scheduler:
         concurrency: int = MAX_CONCURRENT_DELIVERIES,
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
+        events: EventBus | None = None,
     ) -> None:
         self._storage = storage
+        self._events = events
         self._deliverer = deliverer
         self._config = config
         self._concurrency = concurrency
@@ -141,6 +144,7 @@ class Scheduler:
             fresh=fresh,
             rng=self._rng,
             clock=self._clock,
+            events=self._events,
         )
         if outcome.dsn is not None:
             self.submit_fresh(outcome.dsn)
@@ -157,6 +161,10 @@ class Scheduler:
                     await self._storage.delete(message_id)
                     log.info("bounced message removed", id=message_id, retention=retention)
             await trio.sleep(min(RETENTION_SWEEP, max(retention / 10, 1.0)))
+
+    def _publish(self, type: str, message_id: str) -> None:
+        if self._events is not None:
+            self._events.publish(type, message_id)
 
     # -- QueueControl --------------------------------------------------------------------------------
 
@@ -216,6 +224,7 @@ class Scheduler:
         self._known.pop(message_id, None)  # once released it is read back like any deferred message
         await self._storage.move(message_id, State.HELD)
         log.info("held", id=message_id)
+        self._publish("held", message_id)
 
     async def release(self, message_id: str) -> bool:
         message = await self._storage.get(message_id)
@@ -226,6 +235,7 @@ class Scheduler:
         await self._storage.set_due(message_id, now)
         self._add(message_id, now)
         log.info("released", id=message_id)
+        self._publish("released", message_id)
         return True
 
     async def delete(self, message_id: str) -> bool:
@@ -242,3 +252,4 @@ class Scheduler:
         self._known.pop(message_id, None)
         await self._storage.delete(message_id)
         log.info("deleted", id=message_id)
+        self._publish("deleted", message_id)

@@ -110,15 +110,15 @@ async def file_outcome(
             due = min(due, status.next_attempt)
         status = replace(status, next_attempt=due)
         await storage.save_status(message.id, status)
+        log_results(message.id, results, status, due, events)  # recorded: the move only files it
         await storage.move(message.id, State.DEFERRED)
         await storage.set_due(message.id, due)
-        log_results(message.id, results, status, due, events)
         log.info("deferred message", id=message.id, attempts=status.attempts, next_attempt=due)
         return Outcome(status, State.DEFERRED, due, dsn)
     await storage.save_status(message.id, status)
+    log_results(message.id, results, status, None, events)
     await storage.move(message.id, State.BOUNCED)
     await storage.set_due(message.id, now)  # bounced_retention counts from here
-    log_results(message.id, results, status, None, events)
     log.info("bounced message", id=message.id, dsn=dsn.id if dsn else None)
     return Outcome(status, State.BOUNCED, None, dsn)
 

@@ -17,12 +17,15 @@ import trio
 from .api import serve_http
 from .config import Config
 from .events import EventBus
+from .metrics import MetricsCollector, Sources
 from .net.smtp_listener import ConnectionLimits, serve_smtp
 from .net.tls import server_context
 from .policy import RateLimiter
 from .receiver import ReceiverContext
 from .storage import FilesystemStorage, Storage
 from .submit import Submitter
+from .webhooks import DIRECTORY as WEBHOOKS_DIR
+from .webhooks import WebhookService
 from .worker.delivery import Deliverer
 from .worker.mx import MxResolver
 from .worker.pool import ConnectionPool
@@ -45,6 +48,12 @@ class Daemon:
     submitter: Submitter
     events: EventBus
     ready: trio.Event = field(default_factory=trio.Event)
+    metrics: MetricsCollector = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.metrics = MetricsCollector(
+            Sources(self.scheduler.stats, self.pool.statistics, lambda: self.limits.total)
+        )
 
     @classmethod
     def from_config(cls, config: Config) -> Daemon:
@@ -77,6 +86,9 @@ class Daemon:
         users = {u.name: u.password_hash for u in cfg.users}
         try:
             async with trio.open_nursery() as nursery:
+                await nursery.start(self.metrics.serve, self.events)  # before anything publishes
+                webhooks = WebhookService(cfg.webhooks, cfg.server.spool_dir / WEBHOOKS_DIR, self.events)
+                await nursery.start(webhooks.serve)  # subscribed before anything publishes
                 for listener in cfg.listeners:
                     ssl_ctx: ssl.SSLContext | None = None
                     if listener.tls != "none":
@@ -99,6 +111,8 @@ class Daemon:
                     storage=self.storage,
                     submit=self.submitter.submit,
                     client_rate=self.client_rate,
+                    events=self.events,
+                    metrics=self.metrics,
                 )
                 await nursery.start(http, cfg, self.scheduler, self.ready.is_set)
                 self.ready.set()

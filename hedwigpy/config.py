@@ -14,6 +14,7 @@ import os
 import re
 import socket
 import tomllib
+import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
@@ -44,6 +45,7 @@ TRANSPORTS: tuple[Transport, ...] = ("mx", "relay")
 FILTER_TYPES: tuple[FilterType, ...] = ("sender_domain", "recipient_domain")
 FILTER_ACTIONS: tuple[FilterAction, ...] = ("allow", "deny")
 STRATEGIES = ("failover", "round_robin", "random")
+WEBHOOK_EVENTS = ("received", "delivered", "deferred", "bounced", "held", "released", "deleted")
 LOOPBACK: tuple[IPNetwork, ...] = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
 ENV_LOG_LEVEL = "HEDWIG_LOG_LEVEL"
 DEFAULT_LISTENER_ADDR = HostPort("127.0.0.1", 2525)
@@ -222,6 +224,16 @@ class RateLimitsConfig:
     per_client: int = 0  # inbound messages per minute per client IP or user
 
 
+@dataclass(frozen=True, slots=True)
+class WebhookConfig:
+    """One [[webhooks]] entry: where delivery events are POSTed, signed with `secret` (hedwigpy.webhooks)."""
+
+    url: str  # http or https
+    secret: str
+    events: tuple[str, ...] = WEBHOOK_EVENTS  # default: every event type
+    timeout: float = 10.0  # per attempt
+
+
 def _default_listeners() -> tuple[ListenerConfig, ...]:
     return (ListenerConfig(name="smtp", addr=DEFAULT_LISTENER_ADDR),)
 
@@ -244,6 +256,7 @@ class Config:
     routes: tuple[RouteConfig, ...] = ()
     filters: tuple[FilterConfig, ...] = ()
     rate_limits: RateLimitsConfig = field(default_factory=RateLimitsConfig)
+    webhooks: tuple[WebhookConfig, ...] = ()
     source_path: Path | None = None  # the file this was loaded from, if any
 
     @property
@@ -301,6 +314,7 @@ def parse_config(
     routes = tuple(_route(r) for r in route_readers)
     filters = tuple(_filter(r) for r in top.tables("filters") or [])
     rate_limits = _rate_limits(top.table("rate_limits"))
+    webhooks = tuple(_webhook(r) for r in top.tables("webhooks") or [])
     top.finish()
 
     check_unique(top, "listeners", "name", [lst.name for lst in listeners])
@@ -326,6 +340,7 @@ def parse_config(
         routes=routes,
         filters=filters,
         rate_limits=rate_limits,
+        webhooks=webhooks,
         source_path=source_path,
     )
 
@@ -353,6 +368,29 @@ def _strategy(v: Any) -> str:
     if s in STRATEGIES or _STRATEGY.fullmatch(s):
         return s
     raise ValueError(f'must be one of {", ".join(STRATEGIES)} or "module:function" (got {s!r})')
+
+
+def _webhook_url(v: Any) -> str:
+    s = as_str(v)
+    try:
+        parts = urllib.parse.urlsplit(s)
+        port = parts.port
+    except ValueError as exc:
+        raise ValueError(f"not a valid URL: {exc} (got {s!r})") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"must be an http:// or https:// URL with a host (got {s!r})")
+    if parts.username is not None or parts.password is not None or port == 0:
+        raise ValueError(f"must not carry credentials or port 0 (got {s!r})")
+    if any(c in s for c in " \t\r\n\x00"):
+        raise ValueError(f"must not contain spaces or control characters (got {s!r})")
+    return s
+
+
+def _webhook_event(v: Any) -> str:
+    s = as_str(v)
+    if s not in WEBHOOK_EVENTS:
+        raise ValueError(f"must be one of {', '.join(WEBHOOK_EVENTS)} (got {s!r})")
+    return s
 
 
 def _selector(v: Any) -> str:
@@ -536,6 +574,17 @@ def _filter(r: Reader) -> FilterConfig:
             type=r.choice("type", FILTER_TYPES, "recipient_domain", required=True),
             domains=r.list_of("domains", parse_domain, required=True, nonempty=True),
             action=r.choice("action", FILTER_ACTIONS, "deny", required=True),
+        )
+    )
+
+
+def _webhook(r: Reader) -> WebhookConfig:
+    return r.done(
+        WebhookConfig(
+            url=r.get("url", _webhook_url, "", required=True),
+            secret=r.string("secret", required=True, nonempty=True),
+            events=tuple(dict.fromkeys(r.list_of("events", _webhook_event, WEBHOOK_EVENTS, nonempty=True))),
+            timeout=r.duration("timeout", "10s", positive=True),
         )
     )
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Awaitable, Callable, Sequence, Set
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Literal
 
@@ -28,6 +29,7 @@ from ..storage import Envelope, InsufficientSpace, MessageWriter, Storage, Stora
 from ..submit import RecipientOutcome, Submitted
 from . import _views as views
 from ._compose import parse_structured
+from ._idempotency import Claim, IdempotencyStore, idempotent
 from ._request import FieldError, RequestProblem, Submission, is_structured, load_json, parse_raw
 
 log = structlog.get_logger("hedwigpy.http")
@@ -66,17 +68,25 @@ class MessageIntake:
         storage: Storage,
         submit: SubmitFn,
         client_rate: RateLimiter | None = None,
+        idempotency: IdempotencyStore | None = None,
     ) -> None:
         self._config = config
         self._storage = storage
         self._submit = submit
         self._client_rate = client_rate
+        self._idempotency = idempotency
 
     @property
     def max_body(self) -> int:
         """The largest request body worth reading: the largest message base64-encoded (4/3, and line
         breaks if the client wrapped it), plus room for the rest of the document."""
         return math.ceil(self._config.limits.max_message_size * 4 / 3 * 1.04) + BODY_SLACK
+
+    def idempotent(self, key: str | None, client: Client, body: bytes) -> AbstractAsyncContextManager[Claim]:
+        """Hold the request's `Idempotency-Key` (`hedwigpy.api._idempotency`): the key's principal is the
+        API key's name, else the client's IP address."""
+        principal = f"key:{client.user}" if client.user else f"ip:{client.ip}"
+        return idempotent(self._idempotency, key, principal, body)
 
     async def parse(self, body: bytes) -> Submission:
         """Check the request body; raises RequestProblem. Big bodies are decoded in a worker thread."""

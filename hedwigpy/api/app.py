@@ -40,11 +40,16 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, RequestEntityTooLarge
 
 from ..config import ApiKeyConfig
+from ..events import EventBus
+from ..metrics import MetricsCollector, Sources
 from ..storage import State
 from ..worker.control import QueueControl
 from . import _views as views
 from ._auth import ApiAuth
+from ._events import add_event_routes
 from ._intake import Client, MessageIntake
+from ._metrics import register_metrics
+from ._openapi import register_openapi
 from ._request import BODY, FieldError, RequestProblem
 
 log = structlog.get_logger("hedwigpy.http")
@@ -90,14 +95,18 @@ def create_app(
     api_keys: Sequence[ApiKeyConfig] = (),
     *,
     intake: MessageIntake | None = None,
+    events: EventBus | None = None,
+    metrics: MetricsCollector | None = None,
 ) -> QuartTrio:
     """The admin API acting on `queue`; `ready()` answers /readyz. `POST /v1/messages` goes to `intake`
     (without one it answers 503)."""
-    app = QuartTrio("hedwigpy.api")
+    app = QuartTrio("hedwigpy.api", static_folder=None)  # no /static route: every route is documented
     app.config["PROVIDE_AUTOMATIC_OPTIONS"] = False
     if intake is not None:  # a bigger body is refused (413) before it is read
         app.config["MAX_CONTENT_LENGTH"] = intake.max_body
     auth = ApiAuth(api_keys)
+    if events is not None:  # WS /v1/events (hedwigpy.api._events)
+        add_event_routes(app, events, auth)
 
     @app.before_request
     async def authorize() -> Response | None:
@@ -242,13 +251,24 @@ def create_app(
                 f"the request body is larger than {limit} octets ([limits].max_message_size, base64)",
                 [FieldError(BODY, f"larger than {limit} octets")],
             ) from None
-        message = await intake.parse(body)
-        del body
         scope_client = request.scope.get("client")
         user = await auth.user(request.headers.get("Authorization"))
-        answer = await intake.accept(message, _client(scope_client, user))
-        return json_response(answer.body, answer.status)
+        client = _client(scope_client, user)
+        async with intake.idempotent(request.headers.get("Idempotency-Key"), client, body) as claim:
+            if claim.answer is None:
+                message = await intake.parse(body)
+                del body
+                answer = await intake.accept(message, client)
+                await claim.record(answer.status, answer.body)
+        assert claim.answer is not None
+        resp = json_response(claim.answer[1], claim.answer[0])
+        if claim.replayed:
+            resp.headers["Idempotent-Replayed"] = "true"
+        return resp
 
+    # GET /metrics (hedwigpy.metrics; without a collector, only the queue gauges) and GET /openapi.json
+    register_metrics(app, metrics if metrics is not None else MetricsCollector(Sources(queue.stats)))
+    register_openapi(app)
     return app
 
 

@@ -19,9 +19,13 @@ from hypercorn.trio import serve
 from hypercorn.typing import ResponseSummary, WWWScope
 
 from ..config import Config, HostPort
+from ..events import EventBus
+from ..metrics import MetricsCollector
 from ..policy import RateLimiter
 from ..storage import Storage
 from ..worker.control import QueueControl
+from ._idempotency import DIRECTORY as IDEMPOTENCY_DIR
+from ._idempotency import IdempotencyStore
 from ._intake import MessageIntake, SubmitFn
 from .app import create_app
 
@@ -128,21 +132,26 @@ async def serve_http(
     storage: Storage | None = None,
     submit: SubmitFn | None = None,
     client_rate: RateLimiter | None = None,
+    events: EventBus | None = None,
+    metrics: MetricsCollector | None = None,
     task_status: trio.TaskStatus[HostPort] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the admin API on `[http].addr` until cancelled. Started once the socket listens, with the
     bound address (useful when the configured port is 0). With `storage` and `submit` (the daemon's
     `Submitter.submit`), `POST /v1/messages` accepts mail; `client_rate` is the per-client limit SMTP
-    shares."""
+    shares. With `events`, `WS /v1/events` streams them."""
     intake = None
+    idempotency = IdempotencyStore(config.server.spool_dir / IDEMPOTENCY_DIR)
     if storage is not None and submit is not None:
-        intake = MessageIntake(config, storage, submit, client_rate)
-    app = create_app(queue, ready, config.api_keys, intake=intake)
+        intake = MessageIntake(config, storage, submit, client_rate, idempotency)
+    app = create_app(queue, ready, config.api_keys, intake=intake, events=events, metrics=metrics)
     sock = await bind_socket(config.http.addr)
     host, port = sock.getsockname()[:2]
     bound = HostPort(host, port)
     hconfig = hypercorn_config(sock.detach())  # hypercorn owns the descriptor from here on
     async with trio.open_nursery() as nursery:
+        if intake is not None:  # Idempotency-Key records: swept at start and hourly
+            await nursery.start(idempotency.serve)
         await nursery.start(partial(serve, app, hconfig))
         log.info("listening", service="http", addr=str(bound), api_keys=len(config.api_keys))
         task_status.started(bound)

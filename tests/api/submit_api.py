@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from hedwigpy.api import create_app
+from hedwigpy.api._idempotency import IdempotencyStore
 from hedwigpy.api._intake import MessageIntake
 from hedwigpy.config import ApiKeyConfig, Config, parse_config
 from hedwigpy.policy import RateLimiter
@@ -67,6 +68,7 @@ class Api:
         free_bytes: int = 1 << 40,
         api_keys: Sequence[ApiKeyConfig] = (),
         per_client: int = 0,
+        idempotency: IdempotencyStore | None = None,
         **sections: Any,
     ) -> None:
         self.config = make_config(**sections)
@@ -74,7 +76,9 @@ class Api:
         self.upstream = ScriptedUpstream(replies)
         self.scheduler = Scheduler(self.storage, self.upstream, self.config)
         submitter = Submitter(self.config, self.storage, self.upstream, self.scheduler)
-        self.intake = MessageIntake(self.config, self.storage, submitter.submit, RateLimiter(per_client))
+        self.intake = MessageIntake(
+            self.config, self.storage, submitter.submit, RateLimiter(per_client), idempotency
+        )
         self.ready = True
         self.app = create_app(self.scheduler, lambda: self.ready, api_keys, intake=self.intake)
         self.client = self.app.test_client()

@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 CONFIG ?= hedwig.toml
 
-.PHONY: run test lint typecheck pytest bench bench-accept bench-relay bench-queue clean
+.PHONY: run test lint typecheck pytest bench bench-accept bench-relay bench-queue bench-rest clean
 
 $(BIN)/hedwigpy: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,8 +31,8 @@ pytest: $(VENV)/.test-extras
 
 test: lint typecheck pytest
 
-# Benchmarks against a private Postfix (run as root; see bench/README.md). `make bench` runs all three.
-bench: bench-accept bench-relay bench-queue
+# Benchmarks against a private Postfix (run as root; see bench/README.md). `make bench` runs them all.
+bench: bench-accept bench-relay bench-queue bench-rest
 
 bench-accept: $(VENV)/.test-extras
 	$(BIN)/python -m bench.smtp_accept
@@ -42,6 +42,9 @@ bench-relay: $(VENV)/.test-extras
 
 bench-queue: $(VENV)/.test-extras
 	$(BIN)/python -m bench.queue_scale
+
+bench-rest: $(VENV)/.test-extras
+	$(BIN)/python -m bench.rest
 
 clean:
 	rm -rf $(VENV) var/ .mypy_cache .ruff_cache

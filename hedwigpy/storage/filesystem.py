@@ -195,6 +195,9 @@ class FilesystemStorage:
         self.syncers = {state: DirSyncer(self.root / state.value) for state in State}
         self.status_syncer = DirSyncer(self.root / STATUS_DIR)
         self._status_locks: dict[str, trio.Lock] = {}  # one status writer (or deleter) per message
+        # Messages that have (or may have) a status file; most never get one (delivered at the first
+        # attempt), and their removal then skips a thread round trip for an unlink that would fail.
+        self._with_status: set[str] = set()
 
     # -- lifecycle -----------------------------------------------------------------------------------
 
@@ -218,6 +221,7 @@ class FilesystemStorage:
         fsync_dir(self.root / "tmp")
         fsync_dir(self.root)
         self.index.clear()
+        self._with_status.clear()
         for state in State:
             for entry in os.scandir(self.root / state.value):
                 name = entry.name
@@ -248,7 +252,9 @@ class FilesystemStorage:
             if state is None:  # its data file is gone: a delete interrupted between the two unlinks
                 os.unlink(entry.path)
                 removed += 1
-            elif state in _CHECKED_AT_OPEN:
+                continue
+            self._with_status.add(message_id)
+            if state in _CHECKED_AT_OPEN:
                 try:
                     self._read_status_sync(message_id)
                 except (OSError, CorruptStatus) as exc:
@@ -411,6 +417,9 @@ class FilesystemStorage:
         # Only once the data file's removal is durable may its status go: the reverse order could bring
         # the message back after a crash with every recipient pending. A status left behind is harmless
         # (`open` removes orphans), so it is not worth a directory fsync.
+        if message_id not in self._with_status:
+            return
+        self._with_status.discard(message_id)
         async with self._status_lock(message_id):
             try:
                 await trio.to_thread.run_sync(os.unlink, self.status_path(message_id))
@@ -435,6 +444,7 @@ class FilesystemStorage:
         async with self._status_lock(message_id):
             if message_id not in self.index:
                 raise StorageError(f"no message {message_id}")
+            self._with_status.add(message_id)  # before the file exists: the set only over-approximates
             try:
                 await trio.to_thread.run_sync(self._save_status_sync, message_id, data)
             except OSError as exc:
@@ -493,6 +503,7 @@ class FilesystemStorage:
         return None
 
     def _status_first_sync(self, message_id: str, data: bytes) -> None:
+        self._with_status.add(message_id)  # not in the index yet: nothing can delete it meanwhile
         self._save_status_sync(message_id, data)
         fsync_dir(self.root / STATUS_DIR)
 

@@ -269,6 +269,12 @@ class SmtpSession:
             data = await self._command(conn.data(), "DATA")
         mail, rcpt = got.mail, tuple(got.rcpt)
         accepted = mail.is_positive and any(r.is_positive for r in rcpt)
+        if data.code != 354 and data.is_positive:
+            # A server that "accepts" DATA without asking for the content has not got the message; taking
+            # its 250 as delivery would lose the mail (a broken server, or replies out of step).
+            raise SessionFailure(
+                Reply(451, "4.5.0", f"unexpected reply to DATA from {self.label}: {data}"), self.label
+            )
         if data.code != 354:
             return TransactionReplies(mail, rcpt, data if accepted else None)
         if not accepted:
@@ -285,6 +291,8 @@ class SmtpSession:
                 pending.clear()
         pending += conn.end_body()
         await self._write(bytes(pending))
+        # A caller's deadline (cut-through) may still cancel this wait: the mail is then kept and retried,
+        # and a duplicate is possible if the upstream accepts late (RFC 5321 4.5.3.2.6 allows it 10 min).
         final = await self._reply("DATA_END", limit=DATA_DONE_TIMEOUT, after_data=True)
         return TransactionReplies(mail, rcpt, final)
 

@@ -21,6 +21,7 @@ from ..config import Config
 from ..net.smtp_client import Outgoing, SessionFailure, SessionOptions, TransactionReplies, host_label
 from ..net.tls import client_context
 from ..policy import RateLimiter
+from ..smtp.errors import LocalProtocolError
 from ..smtp.replies import Reply
 from ..storage import Storage, StoredMessage
 from .mx import DnsFailure, MxResolver
@@ -213,15 +214,22 @@ class Deliverer:
         """One transaction through the pool. A pooled session that the upstream closed while it idled
         (only a reused one is ever `stale`) is replaced; a few times, as several may have idled out."""
         key = PoolKey(target.name, target.address, target.port, target.options)
-        for _ in range(STALE_RETRIES):
-            try:
-                async with self._pool.session(key) as session:
-                    return await session.send(outgoing)
-            except SessionFailure as exc:
-                if not exc.stale:
-                    raise
-        async with self._pool.session(key) as session:
-            return await session.send(outgoing)
+        try:
+            for _ in range(STALE_RETRIES):
+                try:
+                    async with self._pool.session(key) as session:
+                        return await session.send(outgoing)
+                except SessionFailure as exc:
+                    if not exc.stale:
+                        raise
+            async with self._pool.session(key) as session:
+                return await session.send(outgoing)
+        except LocalProtocolError as exc:  # our side could not express something: never fatal to the daemon
+            log.error("client protocol error", host=target.name, error=str(exc))
+            label = host_label(target.name, target.address, target.port)
+            raise SessionFailure(
+                Reply(451, "4.3.0", f"internal error talking to {label}: {exc}"), label
+            ) from exc
 
 
 def _results(rcpts: list[str], replies: TransactionReplies, target: _Target) -> list[Result]:

@@ -43,8 +43,8 @@ Result = Delivered | TransientFailure | PermanentFailure
 
 
 def result_for(recipient: str, reply: Reply, host: str) -> Result:
-    """The result an upstream reply means: 2xx delivered, 4xx retry, 5xx give up."""
-    if reply.is_positive:
+    """The result an upstream reply means: 2xx delivered, 5xx give up, anything else retry."""
+    if reply.code // 100 == 2:  # only a 2xx: a 3xx after the end of data is nobody's acceptance
         return Delivered(recipient, reply, host)
     if reply.is_permanent:
         return PermanentFailure(recipient, reply, host)

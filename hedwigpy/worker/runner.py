@@ -18,6 +18,7 @@ from dataclasses import dataclass, replace
 from typing import Protocol
 
 import structlog
+import trio
 
 from ..config import Config
 from ..events import EventBus
@@ -69,11 +70,15 @@ async def attempt(
     status = DeliveryStatus.initial(message.envelope) if fresh else await storage.load_status(message.id)
     pending = status.pending()
     results = await deliverer.deliver(message, pending) if pending else []
-    now = clock()
-    status = record(status, results, now)
-    if status.pending() and expired(message.envelope.received_at, now, config.queue):
-        status = _expire(status, message.id)
-    return await file_outcome(storage, config, message, status, results, now, rng=rng, events=events)
+    # What the upstreams said must reach the spool even if the daemon is being stopped: a cancelled
+    # filing would resend to recipients that were delivered.
+    with trio.CancelScope(shield=True):
+        now = clock()
+        status = record(status, results, now)
+        if status.pending() and expired(message.envelope.received_at, now, config.queue):
+            status = _expire(status, message.id)
+        outcome = await file_outcome(storage, config, message, status, results, now, rng=rng, events=events)
+    return outcome
 
 
 async def file_outcome(

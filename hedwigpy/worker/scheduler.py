@@ -119,15 +119,18 @@ class Scheduler:
             while isinstance(exc, BaseExceptionGroup):
                 exc = exc.exceptions[0]
             log.error("spool error during delivery; retrying later", id=message_id, error=str(exc))
-            self._schedule.add(message_id, self._clock() + self._config.queue.retry_initial)
+            self._add(message_id, self._clock() + self._config.queue.retry_initial)
         finally:
             self._running.discard(message_id)
             slots.release()
             action = self._after_attempt.pop(message_id, None)
-            if action == "hold":
-                await self._hold_now(message_id)
-            elif action == "delete":
-                await self._delete_now(message_id)
+            try:
+                if action == "hold":
+                    await self._hold_now(message_id)
+                elif action == "delete":
+                    await self._delete_now(message_id)
+            except StorageError as exc:  # the action is lost, not the daemon
+                log.error(f"could not {action} after the attempt", id=message_id, error=str(exc))
 
     async def _attempt(self, message_id: str) -> None:
         known = self._known.pop(message_id, None)
@@ -156,10 +159,13 @@ class Scheduler:
         retention = self._config.queue.bounced_retention
         while True:
             now = self._clock()
-            for message_id, since in await self._storage.due_times(State.BOUNCED):
-                if since + retention <= now:
-                    await self._storage.delete(message_id)
-                    log.info("bounced message removed", id=message_id, retention=retention)
+            try:
+                for message_id, since in await self._storage.due_times(State.BOUNCED):
+                    if since + retention <= now:
+                        await self._storage.delete(message_id)
+                        log.info("bounced message removed", id=message_id, retention=retention)
+            except StorageError as exc:
+                log.error("could not sweep bounced/", error=str(exc))
             await trio.sleep(min(RETENTION_SWEEP, max(retention / 10, 1.0)))
 
     def _publish(self, type: str, message_id: str) -> None:
@@ -207,13 +213,20 @@ class Scheduler:
         return True
 
     async def hold(self, message_id: str) -> bool:
+        if message_id in self._running:
+            if await self._storage.get(message_id) is None:
+                return False
+            self._after_attempt[message_id] = "hold"
+            return True
+        # Out of the schedule before the first await, so no attempt can start while we look it up.
+        due = self._schedule.due_time(message_id)
+        self._schedule.remove(message_id)
         message = await self._storage.get(message_id)
         if message is None or message.state not in _ACTIVE:
+            if due is not None:
+                self._add(message_id, due)
             return False
-        if message_id in self._running:
-            self._after_attempt[message_id] = "hold"
-        else:
-            await self._hold_now(message_id)
+        await self._hold_now(message_id)
         return True
 
     async def _hold_now(self, message_id: str) -> None:

@@ -33,6 +33,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 import structlog
 from quart import Response, request
@@ -73,8 +74,10 @@ def json_response(data: object, status: int = 200, content_type: str = "applicat
     return Response(body, status=status, content_type=f"{content_type}; charset=utf-8")
 
 
-def problem_response(status: int, detail: str, headers: dict[str, str] | None = None) -> Response:
-    resp = json_response(views.problem(status, detail), status, views.PROBLEM_JSON)
+def problem_response(
+    status: int, detail: str, headers: dict[str, str] | None = None, **extra: Any
+) -> Response:
+    resp = json_response(views.problem(status, detail, **extra), status, views.PROBLEM_JSON)
     for name, value in (headers or {}).items():
         resp.headers[name] = value
     return resp
@@ -122,7 +125,9 @@ def create_app(
             return None
         log.info("http denied", path=request.path, client=request.remote_addr, status=denied.status)
         headers = {"WWW-Authenticate": denied.challenge} if denied.challenge else None
-        return problem_response(denied.status, denied.detail, headers)
+        # INTERFACE.md: every error lists the fields at fault; for a missing or wrong key, the header.
+        at_fault = [{"field": "Authorization", "detail": denied.detail}] if denied.status == 401 else []
+        return problem_response(denied.status, denied.detail, headers, errors=at_fault)
 
     @app.errorhandler(_Problem)
     async def on_problem(exc: _Problem) -> Response:

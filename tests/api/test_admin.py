@@ -72,8 +72,10 @@ def api(queue: FakeQueue) -> Api:
 def assert_problem(status: int, headers: Any, body: Any, expected: int, detail_part: str = "") -> None:
     assert status == expected
     assert headers["Content-Type"].startswith("application/problem+json")
-    assert set(body) == {"type", "title", "status", "detail"}
+    assert set(body) - {"errors"} == {"type", "title", "status", "detail"}
     assert body["type"] == "about:blank" and body["status"] == expected
+    if expected == 401:  # the field at fault is the Authorization header
+        assert [e["field"] for e in body["errors"]] == ["Authorization"]
     assert isinstance(body["title"], str) and body["title"]
     assert detail_part in body["detail"]
 

@@ -19,10 +19,9 @@ its message: guessing could resend to a recipient already delivered.
 
 from __future__ import annotations
 
-import errno
 import os
 import re
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import BinaryIO
@@ -31,8 +30,13 @@ import structlog
 import trio
 
 from ._dirsync import DirSyncer, fsync_dir
-from ._format import CorruptFile, encode_envelope, read_envelope
+from ._format import CorruptFile, read_envelope
 from ._status import MAX_STATUS_SIZE, CorruptStatus, decode_status, encode_status
+
+# BUFFER_LIMIT and READ_CHUNK are re-exported: they are part of this backend's behaviour.
+from ._writer import BUFFER_LIMIT as BUFFER_LIMIT
+from ._writer import READ_CHUNK as READ_CHUNK
+from ._writer import FilesystemWriter, storage_error, unlink_quietly
 from .base import (
     DeliveryStatus,
     DueTimes,
@@ -47,142 +51,9 @@ from .base import (
 log = structlog.get_logger("hedwigpy.storage")
 
 ID_PATTERN = re.compile(r"^[0-9a-f]{24}$")
-BUFFER_LIMIT = 256 * 1024  # content kept in memory before the writer starts streaming to tmp/
-READ_CHUNK = 64 * 1024
 _CHECKED_AT_OPEN = (State.QUEUED, State.HELD)
 STATUS_DIR = "status"
 _DIRS = ("tmp", STATUS_DIR, *(s.value for s in State))
-
-
-def _error(exc: OSError, what: str) -> StorageError:
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return InsufficientSpace(f"{what}: {exc}")
-    return StorageError(f"{what}: {exc}")
-
-
-def _unlink_quietly(path: Path) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-    except OSError as exc:
-        log.warning("could not remove a temporary file", path=str(path), error=str(exc))
-
-
-class FilesystemWriter:
-    """Streams one message into `tmp/`, then commits it into `queued/`."""
-
-    def __init__(self, storage: FilesystemStorage, envelope: Envelope, message_id: str) -> None:
-        self.message_id = message_id
-        self.envelope = envelope
-        self._storage = storage
-        self._buffer = bytearray()  # content not yet in the file
-        self._header_len = 0  # the envelope line, encoded when the file is created (cut-through mail
-        # that is never kept never needs it)
-        self._written = 0  # bytes already in the file, envelope line included
-        self._fd: int | None = None
-        self._done = False
-        self._tmp = storage.root / "tmp" / f"{message_id}.msg"
-        self._flushing = trio.Lock()
-
-    async def write(self, data: bytes) -> None:
-        if self._done:
-            raise StorageError("writer already finished")
-        self._buffer += data
-        if len(self._buffer) >= BUFFER_LIMIT:
-            chunk = bytes(self._buffer)
-            self._buffer.clear()
-            await self._run(self._write_sync, chunk)
-
-    async def content(self) -> AsyncGenerator[bytes, None]:
-        if self._done:
-            raise StorageError("writer already finished")
-        if self._fd is None:  # everything is still in memory
-            yield bytes(self._buffer)
-            return
-        async with self._flushing:  # concurrent readers (one per delivery group) wait for one flush
-            if self._buffer:  # the file must hold everything before it is read back
-                chunk = bytes(self._buffer)
-                self._buffer.clear()
-                await self._run(self._write_sync, chunk)
-        try:
-            f = await trio.to_thread.run_sync(self._tmp.open, "rb")
-        except OSError as exc:
-            raise _error(exc, f"reading back {self.message_id}") from exc
-        try:
-            await trio.to_thread.run_sync(f.seek, self._header_len)
-            while chunk := await trio.to_thread.run_sync(f.read, READ_CHUNK):
-                yield chunk
-        finally:
-            f.close()
-
-    async def commit(self, status: DeliveryStatus | None = None) -> StoredMessage:
-        if self._done:
-            raise StorageError("writer already finished")
-        chunk = bytes(self._buffer)
-        self._buffer.clear()
-        if status is not None:
-            # Durable before the data file appears in queued/ (a status without its data file is an
-            # orphan that open() removes; the reverse would resend what cut-through delivered).
-            await self._run(self._storage._status_first_sync, self.message_id, encode_status(status))
-        await self._run(self._commit_sync, chunk)
-        self._done = True
-        storage = self._storage
-        await storage.syncers[State.QUEUED].sync()
-        storage.index[self.message_id] = State.QUEUED
-        return StoredMessage(self.message_id, State.QUEUED, self.envelope, self._written - self._header_len)
-
-    async def abort(self) -> None:
-        if self._done:
-            return
-        self._done = True
-        self._buffer.clear()
-        if self._fd is not None or self._written:
-            await trio.to_thread.run_sync(self._discard_sync)
-
-    async def _run(self, fn: Callable[..., None], *args: object) -> None:
-        try:
-            await trio.to_thread.run_sync(fn, *args)
-        except OSError as exc:
-            self._done = True
-            await trio.to_thread.run_sync(self._discard_sync)
-            raise _error(exc, f"writing {self.message_id}") from exc
-
-    # -- blocking parts, run in worker threads ------------------------------------------------------
-
-    def _write_sync(self, chunk: bytes) -> None:
-        if self._fd is None:
-            self._fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-            header = encode_envelope(self.envelope)
-            self._header_len = len(header)
-            chunk = header + chunk
-        view = memoryview(chunk)
-        while view:
-            n = os.write(self._fd, view)
-            view = view[n:]
-            self._written += n
-
-    def _commit_sync(self, chunk: bytes) -> None:
-        self._write_sync(chunk)
-        assert self._fd is not None
-        os.fsync(self._fd)
-        os.close(self._fd)
-        self._fd = None
-        os.rename(self._tmp, self._storage.root / "queued" / f"{self.message_id}.msg")
-
-    def _discard_sync(self) -> None:
-        if self._fd is not None:
-            try:
-                os.close(self._fd)
-            except OSError:
-                pass
-            self._fd = None
-        try:
-            os.unlink(self._tmp)
-        except FileNotFoundError:
-            pass
-        except OSError as exc:
-            log.warning("could not remove a temporary file", path=str(self._tmp), error=str(exc))
 
 
 class FilesystemStorage:
@@ -273,7 +144,7 @@ class FilesystemStorage:
         try:
             st = os.statvfs(self.root)
         except OSError as exc:
-            raise _error(exc, "statvfs") from exc
+            raise storage_error(exc, "statvfs") from exc
         free = st.f_bavail * st.f_frsize
         if free < needed + self.reserve_bytes:
             raise InsufficientSpace(f"{free} bytes free, {needed + self.reserve_bytes} needed")
@@ -311,7 +182,7 @@ class FilesystemStorage:
         try:
             f, first = await trio.to_thread.run_sync(self._open_content_sync, self.path(message_id, state))
         except OSError as exc:
-            raise _error(exc, f"reading {message_id}") from exc
+            raise storage_error(exc, f"reading {message_id}") from exc
         except CorruptFile as exc:
             raise StorageError(f"reading {message_id}: {exc}") from exc
         if f is None:  # a message smaller than READ_CHUNK: read whole in the one thread round trip
@@ -397,7 +268,7 @@ class FilesystemStorage:
         try:
             await trio.to_thread.run_sync(os.rename, self.path(message_id, state), self.path(message_id, to))
         except OSError as exc:
-            raise _error(exc, f"moving {message_id}") from exc
+            raise storage_error(exc, f"moving {message_id}") from exc
         self.index[message_id] = to
         await self.syncers[to].sync()
         await self.syncers[state].sync()
@@ -411,7 +282,7 @@ class FilesystemStorage:
         except FileNotFoundError:
             pass
         except OSError as exc:
-            raise _error(exc, f"deleting {message_id}") from exc
+            raise storage_error(exc, f"deleting {message_id}") from exc
         else:
             await self.syncers[state].sync()
         # Only once the data file's removal is durable may its status go: the reverse order could bring
@@ -437,7 +308,7 @@ class FilesystemStorage:
         try:
             return await trio.to_thread.run_sync(self._load_status_sync, message_id, state)
         except OSError as exc:
-            raise _error(exc, f"reading the status of {message_id}") from exc
+            raise storage_error(exc, f"reading the status of {message_id}") from exc
 
     async def save_status(self, message_id: str, status: DeliveryStatus) -> None:
         data = encode_status(status)
@@ -448,7 +319,7 @@ class FilesystemStorage:
             try:
                 await trio.to_thread.run_sync(self._save_status_sync, message_id, data)
             except OSError as exc:
-                raise _error(exc, f"saving the status of {message_id}") from exc
+                raise storage_error(exc, f"saving the status of {message_id}") from exc
         await self.status_syncer.sync()
 
     @asynccontextmanager
@@ -502,7 +373,7 @@ class FilesystemStorage:
                 return candidate
         return None
 
-    def _status_first_sync(self, message_id: str, data: bytes) -> None:
+    def status_first_sync(self, message_id: str, data: bytes) -> None:
         self._with_status.add(message_id)  # not in the index yet: nothing can delete it meanwhile
         self._save_status_sync(message_id, data)
         fsync_dir(self.root / STATUS_DIR)
@@ -521,7 +392,7 @@ class FilesystemStorage:
                 os.close(fd)
             os.rename(tmp, final)
         except BaseException:
-            _unlink_quietly(tmp)
+            unlink_quietly(tmp)
             raise
 
     async def set_due(self, message_id: str, when: float) -> None:
@@ -531,7 +402,7 @@ class FilesystemStorage:
         try:
             await trio.to_thread.run_sync(os.utime, self.path(message_id, state), (when, when))
         except OSError as exc:
-            raise _error(exc, f"scheduling {message_id}") from exc
+            raise storage_error(exc, f"scheduling {message_id}") from exc
 
     async def due_times(self, state: State) -> DueTimes:
         wanted = {i for i, s in self.index.items() if s is state}
@@ -550,7 +421,7 @@ class FilesystemStorage:
         try:
             return await trio.to_thread.run_sync(scan)
         except OSError as exc:
-            raise _error(exc, f"listing {state.value}/") from exc
+            raise storage_error(exc, f"listing {state.value}/") from exc
 
     def statistics(self) -> dict[str, int]:
         counts = dict.fromkeys((s.value for s in State), 0)

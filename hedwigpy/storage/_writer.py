@@ -1,0 +1,161 @@
+"""`FilesystemWriter`: one message streamed into `tmp/`, read back for cut-through, committed into `queued/`.
+
+Content is buffered in memory up to BUFFER_LIMIT, then streamed to the file in worker threads; the
+envelope line is written only when the file is created, so mail cut-through delivers from memory never
+touches the disk. `commit` fsyncs the file (and a status first, when given), renames it into `queued/`
+and has the directory fsynced before returning.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import AsyncGenerator, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import structlog
+import trio
+
+from ._format import encode_envelope
+from ._status import encode_status
+from .base import DeliveryStatus, Envelope, InsufficientSpace, State, StorageError, StoredMessage
+
+if TYPE_CHECKING:
+    from .filesystem import FilesystemStorage
+
+log = structlog.get_logger("hedwigpy.storage")
+
+BUFFER_LIMIT = 256 * 1024  # content kept in memory before the writer starts streaming to tmp/
+READ_CHUNK = 64 * 1024
+
+
+def storage_error(exc: OSError, what: str) -> StorageError:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return InsufficientSpace(f"{what}: {exc}")
+    return StorageError(f"{what}: {exc}")
+
+
+def unlink_quietly(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        log.warning("could not remove a temporary file", path=str(path), error=str(exc))
+
+
+class FilesystemWriter:
+    """Streams one message into `tmp/`, then commits it into `queued/`."""
+
+    def __init__(self, storage: FilesystemStorage, envelope: Envelope, message_id: str) -> None:
+        self.message_id = message_id
+        self.envelope = envelope
+        self._storage = storage
+        self._buffer = bytearray()  # content not yet in the file
+        self._header_len = 0  # the envelope line, encoded when the file is created (cut-through mail
+        # that is never kept never needs it)
+        self._written = 0  # bytes already in the file, envelope line included
+        self._fd: int | None = None
+        self._done = False
+        self._tmp = storage.root / "tmp" / f"{message_id}.msg"
+        self._flushing = trio.Lock()
+
+    async def write(self, data: bytes) -> None:
+        if self._done:
+            raise StorageError("writer already finished")
+        self._buffer += data
+        if len(self._buffer) >= BUFFER_LIMIT:
+            chunk = bytes(self._buffer)
+            self._buffer.clear()
+            await self._run(self._write_sync, chunk)
+
+    async def content(self) -> AsyncGenerator[bytes, None]:
+        if self._done:
+            raise StorageError("writer already finished")
+        if self._fd is None:  # everything is still in memory
+            yield bytes(self._buffer)
+            return
+        async with self._flushing:  # concurrent readers (one per delivery group) wait for one flush
+            if self._buffer:  # the file must hold everything before it is read back
+                chunk = bytes(self._buffer)
+                self._buffer.clear()
+                await self._run(self._write_sync, chunk)
+        try:
+            f = await trio.to_thread.run_sync(self._tmp.open, "rb")
+        except OSError as exc:
+            raise storage_error(exc, f"reading back {self.message_id}") from exc
+        try:
+            await trio.to_thread.run_sync(f.seek, self._header_len)
+            while chunk := await trio.to_thread.run_sync(f.read, READ_CHUNK):
+                yield chunk
+        finally:
+            f.close()
+
+    async def commit(self, status: DeliveryStatus | None = None) -> StoredMessage:
+        if self._done:
+            raise StorageError("writer already finished")
+        chunk = bytes(self._buffer)
+        self._buffer.clear()
+        if status is not None:
+            # Durable before the data file appears in queued/ (a status without its data file is an
+            # orphan that open() removes; the reverse would resend what cut-through delivered).
+            await self._run(self._storage.status_first_sync, self.message_id, encode_status(status))
+        await self._run(self._commit_sync, chunk)
+        self._done = True
+        storage = self._storage
+        await storage.syncers[State.QUEUED].sync()
+        storage.index[self.message_id] = State.QUEUED
+        return StoredMessage(self.message_id, State.QUEUED, self.envelope, self._written - self._header_len)
+
+    async def abort(self) -> None:
+        if self._done:
+            return
+        self._done = True
+        self._buffer.clear()
+        if self._fd is not None or self._written:
+            await trio.to_thread.run_sync(self._discard_sync)
+
+    async def _run(self, fn: Callable[..., None], *args: object) -> None:
+        try:
+            await trio.to_thread.run_sync(fn, *args)
+        except OSError as exc:
+            self._done = True
+            await trio.to_thread.run_sync(self._discard_sync)
+            raise storage_error(exc, f"writing {self.message_id}") from exc
+
+    # -- blocking parts, run in worker threads ------------------------------------------------------
+
+    def _write_sync(self, chunk: bytes) -> None:
+        if self._fd is None:
+            self._fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            header = encode_envelope(self.envelope)
+            self._header_len = len(header)
+            chunk = header + chunk
+        view = memoryview(chunk)
+        while view:
+            n = os.write(self._fd, view)
+            view = view[n:]
+            self._written += n
+
+    def _commit_sync(self, chunk: bytes) -> None:
+        self._write_sync(chunk)
+        assert self._fd is not None
+        os.fsync(self._fd)
+        os.close(self._fd)
+        self._fd = None
+        os.rename(self._tmp, self._storage.root / "queued" / f"{self.message_id}.msg")
+
+    def _discard_sync(self) -> None:
+        if self._fd is not None:
+            try:
+                os.close(self._fd)
+            except OSError:
+                pass
+            self._fd = None
+        try:
+            os.unlink(self._tmp)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            log.warning("could not remove a temporary file", path=str(self._tmp), error=str(exc))

@@ -45,7 +45,7 @@ import trio
 
 from .config import WebhookConfig
 from .events import Event, EventBus
-from .storage._dirsync import fsync_dir
+from .storage._dirsync import fsync_dir, replace_file_sync
 
 log = structlog.get_logger("hedwigpy.webhooks")
 
@@ -166,16 +166,7 @@ class _Hook:
 
     def _write_sync(self, name: str, body: bytes) -> None:
         final = self.directory / name
-        tmp = final.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            view = memoryview(body)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(tmp, final)
+        replace_file_sync(final.with_suffix(".tmp"), final, body)
         fsync_dir(self.directory)
 
     async def run(self) -> None:

@@ -35,7 +35,7 @@ from typing import Any
 import structlog
 import trio
 
-from ..storage._dirsync import fsync_dir
+from ..storage._dirsync import fsync_dir, replace_file_sync
 from ._request import FieldError, RequestProblem
 
 log = structlog.get_logger("hedwigpy.http")
@@ -185,16 +185,7 @@ class IdempotencyStore:
 
     def _write_sync(self, name: str, data: bytes) -> None:
         final = self._path(name)
-        tmp = final.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(tmp, final)
+        replace_file_sync(final.with_suffix(".tmp"), final, data)
         fsync_dir(self.directory)
 
 

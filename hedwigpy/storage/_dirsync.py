@@ -1,4 +1,4 @@
-"""Group commit for directory fsyncs.
+"""Durable file replacement, and group commit for directory fsyncs.
 
 After a rename, the directory must be fsynced before the rename is durable. When many sessions commit
 at once, one fsync of the directory that *starts after* all their renames covers all of them: callers
@@ -13,6 +13,28 @@ from pathlib import Path
 import trio
 
 from .base import StorageError
+
+
+def replace_file_sync(tmp: Path, final: Path, data: bytes) -> None:
+    """Write `data` to `tmp`, fsync it and rename it over `final` (atomic: readers see the old file or
+    the new one, never a part). `tmp` is removed if anything fails. The directory is not fsynced: the
+    caller does that, alone or shared with others (`DirSyncer`)."""
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, final)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
 
 
 def fsync_dir(path: Path) -> None:

@@ -29,14 +29,14 @@ from typing import BinaryIO
 import structlog
 import trio
 
-from ._dirsync import DirSyncer, fsync_dir
+from ._dirsync import DirSyncer, fsync_dir, replace_file_sync
 from ._format import CorruptFile, read_envelope
 from ._status import MAX_STATUS_SIZE, CorruptStatus, decode_status, encode_status
 
 # BUFFER_LIMIT and READ_CHUNK are re-exported: they are part of this backend's behaviour.
 from ._writer import BUFFER_LIMIT as BUFFER_LIMIT
 from ._writer import READ_CHUNK as READ_CHUNK
-from ._writer import FilesystemWriter, storage_error, unlink_quietly
+from ._writer import FilesystemWriter, storage_error
 from .base import (
     DeliveryStatus,
     DueTimes,
@@ -379,21 +379,8 @@ class FilesystemStorage:
         fsync_dir(self.root / STATUS_DIR)
 
     def _save_status_sync(self, message_id: str, data: bytes) -> None:
-        final = self.status_path(message_id)
-        tmp = final.with_name(f"{message_id}.{os.urandom(4).hex()}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        try:
-            try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view) :]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.rename(tmp, final)
-        except BaseException:
-            unlink_quietly(tmp)
-            raise
+        final = self.status_path(message_id)  # a unique tmp name: concurrent saves never share one
+        replace_file_sync(final.with_name(f"{message_id}.{os.urandom(4).hex()}.tmp"), final, data)
 
     async def set_due(self, message_id: str, when: float) -> None:
         state = self.index.get(message_id)

@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 
 import trio
 
+from .._offload import run_sync
 from ..auth import verify_password
 from ..config import ApiKeyConfig
 
@@ -107,7 +108,7 @@ class ApiAuth:
             if hmac.compare_digest(known, digest):
                 return known_name
         async with self._limiter:
-            name = await trio.to_thread.run_sync(self._verify, token)
+            name = await run_sync(self._verify, token)
         if name is not None:
             self._verified[digest] = name
         return name

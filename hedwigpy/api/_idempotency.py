@@ -35,6 +35,7 @@ from typing import Any
 import structlog
 import trio
 
+from .._offload import run_sync
 from ..storage._dirsync import fsync_dir, replace_file_sync
 from ._request import FieldError, RequestProblem
 
@@ -79,7 +80,7 @@ class IdempotencyStore:
         self._in_flight: set[str] = set()
 
     async def open(self) -> None:
-        await trio.to_thread.run_sync(self._open_sync)
+        await run_sync(self._open_sync)
 
     def _open_sync(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -94,7 +95,7 @@ class IdempotencyStore:
             await self.sweep()
 
     async def sweep(self) -> int:
-        return await trio.to_thread.run_sync(self._sweep_sync)
+        return await run_sync(self._sweep_sync)
 
     def _sweep_sync(self) -> int:
         """Remove expired records and leftover temporary files; the number removed."""
@@ -136,7 +137,7 @@ class IdempotencyStore:
         self._in_flight.add(name)
         try:
             claim = Claim(self, name, principal, digest)
-            found = await trio.to_thread.run_sync(self._load_sync, name)
+            found = await run_sync(self._load_sync, name)
             if found is not None:
                 if found.get("request_sha256") != digest:
                     detail = "was used with a different request body"
@@ -179,7 +180,7 @@ class IdempotencyStore:
         }
         data = json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode()
         try:
-            await trio.to_thread.run_sync(self._write_sync, claim.name, data)
+            await run_sync(self._write_sync, claim.name, data)
         except OSError as exc:  # the answer stands; a retry with this key would send again
             log.error("idempotency record not written", error=str(exc))
 

@@ -21,6 +21,7 @@ from typing import Literal
 import structlog
 import trio
 
+from .._offload import run_sync
 from ..config import Config, ListenerRole
 from ..inbound import IncomingMessage, received_header
 from ..policy import RateLimiter, filter_allows
@@ -91,7 +92,7 @@ class MessageIntake:
     async def parse(self, body: bytes) -> Submission:
         """Check the request body; raises RequestProblem. Big bodies are decoded in a worker thread."""
         if len(body) > _IN_THREAD:
-            return await trio.to_thread.run_sync(self._parse_sync, body)
+            return await run_sync(self._parse_sync, body)
         return self._parse_sync(body)
 
     def _parse_sync(self, body: bytes) -> Submission:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import trio
 
+from .._offload import run_sync
 from .base import StorageError
 
 
@@ -67,7 +68,7 @@ class DirSyncer:
             self._started += 1
             number = self._started
             try:
-                await trio.to_thread.run_sync(fsync_dir, self.path)
+                await run_sync(fsync_dir, self.path)
             except OSError as exc:
                 raise StorageError(f"fsync of {self.path} failed: {exc}") from exc
             else:

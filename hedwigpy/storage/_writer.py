@@ -12,11 +12,12 @@ import errno
 import os
 from collections.abc import AsyncGenerator, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
 import structlog
 import trio
 
+from .._offload import run_sync
 from ._format import encode_envelope
 from ._status import encode_status
 from .base import DeliveryStatus, Envelope, InsufficientSpace, State, StorageError, StoredMessage
@@ -82,12 +83,11 @@ class FilesystemWriter:
                 self._buffer.clear()
                 await self._run(self._write_sync, chunk)
         try:
-            f = await trio.to_thread.run_sync(self._tmp.open, "rb")
+            f = await run_sync(self._open_content_sync)
         except OSError as exc:
             raise storage_error(exc, f"reading back {self.message_id}") from exc
         try:
-            await trio.to_thread.run_sync(f.seek, self._header_len)
-            while chunk := await trio.to_thread.run_sync(f.read, READ_CHUNK):
+            while chunk := await run_sync(f.read, READ_CHUNK):
                 yield chunk
         finally:
             f.close()
@@ -97,6 +97,7 @@ class FilesystemWriter:
             raise StorageError("writer already finished")
         chunk = bytes(self._buffer)
         self._buffer.clear()
+        whole = self._fd is None and not self._written  # the content never left memory
         if status is not None:
             # Durable before the data file appears in queued/ (a status without its data file is an
             # orphan that open() removes; the reverse would resend what cut-through delivered).
@@ -106,6 +107,8 @@ class FilesystemWriter:
         storage = self._storage
         await storage.syncers[State.QUEUED].sync()
         storage.index[self.message_id] = State.QUEUED
+        if whole:
+            storage.remember_fresh(self.message_id, chunk)
         return StoredMessage(self.message_id, State.QUEUED, self.envelope, self._written - self._header_len)
 
     async def abort(self) -> None:
@@ -114,14 +117,14 @@ class FilesystemWriter:
         self._done = True
         self._buffer.clear()
         if self._fd is not None or self._written:
-            await trio.to_thread.run_sync(self._discard_sync)
+            await run_sync(self._discard_sync)
 
     async def _run(self, fn: Callable[..., None], *args: object) -> None:
         try:
-            await trio.to_thread.run_sync(fn, *args)
+            await run_sync(fn, *args)
         except OSError as exc:
             self._done = True
-            await trio.to_thread.run_sync(self._discard_sync)
+            await run_sync(self._discard_sync)
             raise storage_error(exc, f"writing {self.message_id}") from exc
 
     # -- blocking parts, run in worker threads ------------------------------------------------------
@@ -137,6 +140,11 @@ class FilesystemWriter:
             n = os.write(self._fd, view)
             view = view[n:]
             self._written += n
+
+    def _open_content_sync(self) -> BinaryIO:
+        f = self._tmp.open("rb")
+        f.seek(self._header_len)
+        return f
 
     def _commit_sync(self, chunk: bytes) -> None:
         self._write_sync(chunk)

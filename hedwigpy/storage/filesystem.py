@@ -29,6 +29,7 @@ from typing import BinaryIO
 import structlog
 import trio
 
+from .._offload import run_sync
 from ._dirsync import DirSyncer, fsync_dir, replace_file_sync
 from ._format import CorruptFile, read_envelope
 from ._status import MAX_STATUS_SIZE, CorruptStatus, decode_status, encode_status
@@ -52,6 +53,7 @@ log = structlog.get_logger("hedwigpy.storage")
 
 ID_PATTERN = re.compile(r"^[0-9a-f]{24}$")
 _CHECKED_AT_OPEN = (State.QUEUED, State.HELD)
+FRESH_LIMIT = 32 * 1024 * 1024  # bytes of just-committed content kept in memory (`remember_fresh`)
 STATUS_DIR = "status"
 _DIRS = ("tmp", STATUS_DIR, *(s.value for s in State))
 
@@ -69,12 +71,17 @@ class FilesystemStorage:
         # Messages that have (or may have) a status file; most never get one (delivered at the first
         # attempt), and their removal then skips a thread round trip for an unlink that would fail.
         self._with_status: set[str] = set()
+        # The content of small messages just committed, so their first delivery attempt (moments later,
+        # usually) reads memory instead of paying a thread round trip and an open/read. The files are
+        # never modified, so a copy cannot go stale; it is dropped when the message moves or goes.
+        self._fresh: dict[str, bytes] = {}
+        self._fresh_bytes = 0
 
     # -- lifecycle -----------------------------------------------------------------------------------
 
     async def open(self) -> None:
         try:
-            await trio.to_thread.run_sync(self._open_sync)
+            await run_sync(self._open_sync)
         except OSError as exc:
             raise StorageError(f"cannot open spool {self.root}: {exc}") from exc
 
@@ -164,7 +171,7 @@ class FilesystemStorage:
         state = self.index.get(message_id)
         if state is None:
             return None
-        return await trio.to_thread.run_sync(self._load_sync, message_id, state)
+        return await run_sync(self._load_sync, message_id, state)
 
     async def list(self, state: State) -> list[StoredMessage]:
         ids = sorted(i for i, s in self.index.items() if s is state)
@@ -173,14 +180,29 @@ class FilesystemStorage:
             loaded = (self._load_sync(i, state) for i in ids)
             return [m for m in loaded if m is not None]
 
-        return await trio.to_thread.run_sync(load_all)
+        return await run_sync(load_all)
+
+    def remember_fresh(self, message_id: str, content: bytes) -> None:
+        """Keep a just-committed message's content for its first attempt (bounded by FRESH_LIMIT)."""
+        if self._fresh_bytes + len(content) <= FRESH_LIMIT:
+            self._fresh[message_id] = content
+            self._fresh_bytes += len(content)
+
+    def _forget_fresh(self, message_id: str) -> None:
+        content = self._fresh.pop(message_id, None)
+        if content is not None:
+            self._fresh_bytes -= len(content)
 
     async def read_content(self, message_id: str) -> AsyncGenerator[bytes, None]:
         state = self.index.get(message_id)
         if state is None:
             raise StorageError(f"no message {message_id}")
+        fresh = self._fresh.get(message_id) if state is State.QUEUED else None
+        if fresh is not None:
+            yield fresh
+            return
         try:
-            f, first = await trio.to_thread.run_sync(self._open_content_sync, self.path(message_id, state))
+            f, first = await run_sync(self._open_content_sync, self.path(message_id, state))
         except OSError as exc:
             raise storage_error(exc, f"reading {message_id}") from exc
         except CorruptFile as exc:
@@ -190,7 +212,7 @@ class FilesystemStorage:
             return
         try:
             yield first
-            while chunk := await trio.to_thread.run_sync(f.read, READ_CHUNK):
+            while chunk := await run_sync(f.read, READ_CHUNK):
                 yield chunk
         finally:
             f.close()
@@ -265,8 +287,9 @@ class FilesystemStorage:
             raise StorageError(f"no message {message_id}")
         if state is to:
             return
+        self._forget_fresh(message_id)
         try:
-            await trio.to_thread.run_sync(os.rename, self.path(message_id, state), self.path(message_id, to))
+            await run_sync(os.rename, self.path(message_id, state), self.path(message_id, to))
         except OSError as exc:
             raise storage_error(exc, f"moving {message_id}") from exc
         self.index[message_id] = to
@@ -277,8 +300,9 @@ class FilesystemStorage:
         state = self.index.pop(message_id, None)
         if state is None:
             return
+        self._forget_fresh(message_id)
         try:
-            await trio.to_thread.run_sync(os.unlink, self.path(message_id, state))
+            await run_sync(os.unlink, self.path(message_id, state))
         except FileNotFoundError:
             pass
         except OSError as exc:
@@ -293,7 +317,7 @@ class FilesystemStorage:
         self._with_status.discard(message_id)
         async with self._status_lock(message_id):
             try:
-                await trio.to_thread.run_sync(os.unlink, self.status_path(message_id))
+                await run_sync(os.unlink, self.status_path(message_id))
             except FileNotFoundError:
                 pass
             except OSError as exc:
@@ -306,7 +330,7 @@ class FilesystemStorage:
         if state is None:
             raise StorageError(f"no message {message_id}")
         try:
-            return await trio.to_thread.run_sync(self._load_status_sync, message_id, state)
+            return await run_sync(self._load_status_sync, message_id, state)
         except OSError as exc:
             raise storage_error(exc, f"reading the status of {message_id}") from exc
 
@@ -317,7 +341,7 @@ class FilesystemStorage:
                 raise StorageError(f"no message {message_id}")
             self._with_status.add(message_id)  # before the file exists: the set only over-approximates
             try:
-                await trio.to_thread.run_sync(self._save_status_sync, message_id, data)
+                await run_sync(self._save_status_sync, message_id, data)
             except OSError as exc:
                 raise storage_error(exc, f"saving the status of {message_id}") from exc
         await self.status_syncer.sync()
@@ -387,7 +411,7 @@ class FilesystemStorage:
         if state is None:
             raise StorageError(f"no message {message_id}")
         try:
-            await trio.to_thread.run_sync(os.utime, self.path(message_id, state), (when, when))
+            await run_sync(os.utime, self.path(message_id, state), (when, when))
         except OSError as exc:
             raise storage_error(exc, f"scheduling {message_id}") from exc
 
@@ -406,7 +430,7 @@ class FilesystemStorage:
             return found
 
         try:
-            return await trio.to_thread.run_sync(scan)
+            return await run_sync(scan)
         except OSError as exc:
             raise storage_error(exc, f"listing {state.value}/") from exc
 

@@ -236,3 +236,39 @@ async def test_many_concurrent_commits(fs: FilesystemStorage) -> None:
     reopened = FilesystemStorage(fs.root)
     await reopened.open()
     assert sorted(reopened.index) == sorted(results.values())
+
+
+async def test_a_fresh_small_message_is_read_from_memory_until_it_moves(
+    fs: FilesystemStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first attempt right after the commit reads no file; once the message moves (deferred, held)
+    its copy is dropped and reads go to the disk again."""
+    stored = await store(fs, CONTENT)
+    opened: list[Path] = []
+    real_open = fs_module.FilesystemStorage._open_content_sync
+
+    def spy(path: Path) -> tuple[object, bytes]:
+        opened.append(path)
+        return real_open(path)
+
+    monkeypatch.setattr(fs_module.FilesystemStorage, "_open_content_sync", staticmethod(spy))
+    assert await read_all(fs, stored.id) == CONTENT
+    assert opened == []
+    await fs.move(stored.id, State.DEFERRED)
+    assert await read_all(fs, stored.id) == CONTENT
+    assert opened == [fs.path(stored.id, State.DEFERRED)]
+    assert fs._fresh_bytes == 0
+
+
+async def test_fresh_copies_are_bounded_and_released(
+    fs: FilesystemStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(fs_module, "FRESH_LIMIT", 2 * len(CONTENT))
+    ids = [(await store(fs, CONTENT, chunk=len(CONTENT))).id for _ in range(3)]
+    assert sorted(fs._fresh) == sorted(ids[:2])  # the third did not fit
+    big = await store(fs, b"b" * (fs_module.BUFFER_LIMIT + 1), chunk=fs_module.BUFFER_LIMIT + 1)
+    assert big.id not in fs._fresh  # streamed to disk: never kept whole
+    for message_id in ids:
+        assert await read_all(fs, message_id) == CONTENT
+        await fs.delete(message_id)
+    assert fs._fresh == {} and fs._fresh_bytes == 0

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from hedwigpy.smtp import DotReader, LineBuffer, Reply, ReplyParser, ServerConnection, State, dot_stuff
 from hedwigpy.smtp import events as ev
@@ -147,6 +150,14 @@ def test_line_length_tracker() -> None:
 def test_normalize_and_stuff() -> None:
     assert normalize_line_endings(b"a\nb\rc\r\nd") == b"a\r\nb\r\nc\r\nd"
     assert dot_stuff(b".a\r\n.\r\nb") == b"..a\r\n..\r\nb"
+
+
+@given(st.lists(st.sampled_from([b"a", b"\r", b"\n", b"\r\n", b"."]), max_size=40).map(b"".join))
+def test_normalize_line_endings_leaves_no_bare_cr_or_lf(data: bytes) -> None:
+    """The fast path (already CRLF: returned as is) and the rewriting path agree with the definition."""
+    out = normalize_line_endings(data)
+    assert re.search(rb"\r(?!\n)|(?<!\r)\n", out) is None
+    assert out == re.sub(rb"(?<!\r)\n", b"\r\n", re.sub(rb"\r(?!\n)", b"\r\n", data))
 
 
 def test_sequence_errors() -> None:

@@ -43,7 +43,7 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed, RequestEntityTo
 from ..config import ApiKeyConfig
 from ..events import EventBus
 from ..metrics import MetricsCollector, Sources
-from ..storage import State
+from ..storage import State, StorageError
 from ..worker.control import QueueControl
 from . import _views as views
 from ._auth import ApiAuth
@@ -132,6 +132,12 @@ def create_app(
     @app.errorhandler(_Problem)
     async def on_problem(exc: _Problem) -> Response:
         return problem_response(exc.status, exc.detail)
+
+    @app.errorhandler(StorageError)
+    async def on_storage_error(exc: StorageError) -> Response:
+        # The spool could not be read or written just now (I/O error, disk full): try again later.
+        log.error("http spool error", method=request.method, path=request.path, error=str(exc))
+        return problem_response(503, "the spool cannot answer right now; try again later")
 
     @app.after_request
     async def close_after_refused_body(response: Response) -> Response:

@@ -24,7 +24,10 @@ def encode_envelope(envelope: Envelope) -> bytes:
     data = asdict(envelope)
     data["recipients"] = list(envelope.recipients)
     data["v"] = FORMAT_VERSION
-    return json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
+    try:
+        return json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
+    except UnicodeEncodeError as exc:  # a lone surrogate in an address: refuse it, never crash
+        raise StorageError(f"envelope not encodable: {exc}") from None
 
 
 def decode_envelope(line: bytes) -> Envelope:

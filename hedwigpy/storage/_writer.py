@@ -122,17 +122,19 @@ class FilesystemWriter:
     async def _run(self, fn: Callable[..., None], *args: object) -> None:
         try:
             await run_sync(fn, *args)
-        except OSError as exc:
+        except (OSError, StorageError) as exc:
             self._done = True
             await run_sync(self._discard_sync)
+            if isinstance(exc, StorageError):
+                raise
             raise storage_error(exc, f"writing {self.message_id}") from exc
 
     # -- blocking parts, run in worker threads ------------------------------------------------------
 
     def _write_sync(self, chunk: bytes) -> None:
         if self._fd is None:
+            header = encode_envelope(self.envelope)  # may refuse the envelope: before any file exists
             self._fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-            header = encode_envelope(self.envelope)
             self._header_len = len(header)
             chunk = header + chunk
         view = memoryview(chunk)

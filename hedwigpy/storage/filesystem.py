@@ -123,7 +123,7 @@ class FilesystemStorage:
                 removed += 1
                 continue
             message_id = name.removesuffix(".json")
-            if not name.endswith(".json") or not ID_PATTERN.match(message_id):
+            if not name.endswith(".json") or not ID_PATTERN.fullmatch(message_id):
                 log.warning("unexpected file in spool", path=entry.path)
                 continue
             state = self.index.get(message_id)
@@ -157,6 +157,10 @@ class FilesystemStorage:
             raise InsufficientSpace(f"{free} bytes free, {needed + self.reserve_bytes} needed")
 
     def writer(self, envelope: Envelope, message_id: str | None = None) -> FilesystemWriter:
+        if message_id is not None and (not ID_PATTERN.fullmatch(message_id) or message_id in self.index):
+            # Ids become file names and the index key: a foreign shape could escape the spool's
+            # directories, a known one would replace another message.
+            raise ValueError(f"not a fresh message id: {message_id!r}")
         return FilesystemWriter(self, envelope, message_id or new_message_id())
 
     # -- reading -------------------------------------------------------------------------------------
@@ -177,8 +181,16 @@ class FilesystemStorage:
         ids = sorted(i for i, s in self.index.items() if s is state)
 
         def load_all() -> list[StoredMessage]:
-            loaded = (self._load_sync(i, state) for i in ids)
-            return [m for m in loaded if m is not None]
+            loaded = []
+            for message_id in ids:
+                try:
+                    message = self._load_sync(message_id, state)
+                except StorageError as exc:  # one unreadable file does not hide the others
+                    log.warning("could not list a message", id=message_id, error=str(exc))
+                    continue
+                if message is not None:
+                    loaded.append(message)
+            return loaded
 
         return await run_sync(load_all)
 
@@ -248,28 +260,45 @@ class FilesystemStorage:
         return False
 
     def _readable_sync(self, path: Path) -> bool:
+        """False for a file whose envelope cannot be parsed (quarantined). An I/O error may pass (a
+        full disk, a permission fixed by hand): the file stays, and its first load says again."""
         try:
             with path.open("rb") as f:
                 read_envelope(f)
-        except (OSError, CorruptFile) as exc:
+        except CorruptFile as exc:
             log.error("corrupt spool file", path=str(path), error=str(exc))
             return False
+        except OSError as exc:
+            log.warning("spool file unreadable for now, kept", path=str(path), error=str(exc))
         return True
 
     def _load_sync(self, message_id: str, state: State) -> StoredMessage | None:
-        path = self.path(message_id, state)
-        try:
-            with path.open("rb") as f:
-                envelope, offset = read_envelope(f)
-                size = os.fstat(f.fileno()).st_size - offset
-        except FileNotFoundError:
+        """The message's metadata; None if it is gone. Raises StorageError on an I/O error (the caller
+        retries later: Postfix too defers, rather than quarantines, what it cannot read right now)."""
+        found: State | None = state
+        for retry in (False, True):
+            assert found is not None
+            path = self.path(message_id, found)
+            try:
+                with path.open("rb") as f:
+                    envelope, offset = read_envelope(f)
+                    size = os.fstat(f.fileno()).st_size - offset
+            except FileNotFoundError:
+                # A `move` may have renamed it since the index was read: look before forgetting it.
+                found = None if retry else self._find_sync(message_id, state)
+                if found is None:
+                    break
+                continue
+            except CorruptFile as exc:
+                log.error("corrupt spool file", path=str(path), error=str(exc))
+                self._quarantine_sync(message_id, found)
+                return None
+            except OSError as exc:
+                raise storage_error(exc, f"reading {message_id}") from exc
+            return StoredMessage(message_id, found, envelope, size)
+        if self.index.get(message_id) is state:  # unless a concurrent change already filed it
             self.index.pop(message_id, None)
-            return None
-        except (OSError, CorruptFile) as exc:
-            log.error("corrupt spool file", path=str(path), error=str(exc))
-            self._quarantine_sync(message_id, state)
-            return None
-        return StoredMessage(message_id, state, envelope, size)
+        return None
 
     def _quarantine_sync(self, message_id: str, state: State) -> None:
         try:

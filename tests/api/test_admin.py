@@ -16,7 +16,7 @@ from hedwigpy.api import create_app, serve_http
 from hedwigpy.api._auth import is_loopback_host, is_loopback_ip
 from hedwigpy.auth import hash_password
 from hedwigpy.config import ApiKeyConfig
-from hedwigpy.storage import State
+from hedwigpy.storage import State, StorageError
 
 from .fake_queue import (
     ID_BOUNCED,
@@ -307,6 +307,14 @@ async def test_queue_failure_is_a_500_problem(api: Api, queue: FakeQueue) -> Non
     status, headers, body = await api.call("GET", "/v1/queue")
     assert_problem(status, headers, body, 500, "internal error")
     assert "fire" not in body["detail"]
+
+
+async def test_a_spool_read_error_is_a_503_problem(api: Api, queue: FakeQueue) -> None:
+    """An I/O error reading the spool is temporary as far as a client can tell: 503, try again."""
+    queue.fail = StorageError("reading 0123: [Errno 5] Input/output error")
+    status, headers, body = await api.call("GET", f"/v1/messages/{ID_QUEUED}")
+    assert_problem(status, headers, body, 503, "try again later")
+    assert "Errno" not in body["detail"]
 
 
 # --- auth ---------------------------------------------------------------------------------------------------

@@ -272,3 +272,56 @@ async def test_fresh_copies_are_bounded_and_released(
         assert await read_all(fs, message_id) == CONTENT
         await fs.delete(message_id)
     assert fs._fresh == {} and fs._fresh_bytes == 0
+
+
+async def test_an_io_error_while_loading_is_retried_later_not_quarantined(
+    fs: FilesystemStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stored = await store(fs, CONTENT)
+    real = fs_module.read_envelope  # type: ignore[attr-defined]
+
+    def failing(f: object) -> object:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(fs_module, "read_envelope", failing)
+    with pytest.raises(StorageError, match="Input/output"):
+        await fs.get(stored.id)
+    assert await fs.list(State.QUEUED) == []  # listed without it, and the listing still works
+    monkeypatch.setattr(fs_module, "read_envelope", real)
+    assert files(fs.root / "corrupt") == []
+    assert fs.index[stored.id] is State.QUEUED
+    got = await fs.get(stored.id)
+    assert got is not None and got.state is State.QUEUED
+
+
+async def test_loading_during_a_move_finds_the_message_where_it_went(fs: FilesystemStorage) -> None:
+    """The index said queued/ but a move renamed the file meanwhile: the message is found in its new
+    place, and the index is not emptied under the move's feet."""
+    stored = await store(fs, CONTENT)
+    os.rename(fs.path(stored.id, State.QUEUED), fs.path(stored.id, State.DEFERRED))
+    got = await trio.to_thread.run_sync(fs._load_sync, stored.id, State.QUEUED)
+    assert got is not None and got.state is State.DEFERRED
+    assert stored.id in fs.index
+    os.unlink(fs.path(stored.id, State.DEFERRED))
+    assert await fs.get(stored.id) is None  # really gone: forgotten
+    assert stored.id not in fs.index
+
+
+@pytest.mark.parametrize("message_id", ["../../etc/passwd", "0" * 23, "0" * 24 + "\n", "X" * 24])
+async def test_a_message_id_must_be_a_fresh_spool_id(fs: FilesystemStorage, message_id: str) -> None:
+    with pytest.raises(ValueError, match="not a fresh message id"):
+        fs.writer(envelope(), message_id)
+
+
+async def test_a_known_message_id_is_refused(fs: FilesystemStorage) -> None:
+    stored = await store(fs, CONTENT)
+    with pytest.raises(ValueError):
+        fs.writer(envelope(), stored.id)
+
+
+async def test_an_unencodable_envelope_is_a_storage_error(fs: FilesystemStorage) -> None:
+    writer = fs.writer(envelope("bad\udcff@example.com"))
+    await writer.write(CONTENT)
+    with pytest.raises(StorageError, match="not encodable"):
+        await writer.commit()
+    assert files(fs.root / "tmp") == [] and files(fs.root / "queued") == []

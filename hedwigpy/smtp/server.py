@@ -81,8 +81,8 @@ class ServerConnection:
         if not data:
             self._eof = True
             return
-        if self.state is State.CLOSED:
-            return
+        if self.state is State.CLOSED or self.state is State.TLS:
+            return  # after STARTTLS's 220 only the handshake may come; plaintext is never interpreted
         if self.state is State.GREETING:
             self._early = True
             return  # bytes sent before the banner are never interpreted
@@ -111,6 +111,7 @@ class ServerConnection:
             raise LocalProtocolError("no STARTTLS in progress")
         self.tls_active = True
         self._helo_seen = False
+        self._lines.clear()
         self.state = State.HELO
 
     # -- events --------------------------------------------------------------------------------------

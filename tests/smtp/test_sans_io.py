@@ -193,6 +193,19 @@ def test_starttls_discards_pipelined_plaintext() -> None:
     assert isinstance(seen[-1], bytes) and seen[-1].startswith(b"503 5.5.1 Send EHLO")
 
 
+def test_plaintext_fed_during_the_handshake_is_dropped() -> None:
+    """Bytes that reach the protocol between STARTTLS's 220 and the end of the handshake are not TLS
+    application data; none of them may become a command of the encrypted session."""
+    conn = greeted()
+    run(conn, b"EHLO c\r\n")
+    run(conn, b"STARTTLS\r\n", {ev.StartTls: Reply(220, "2.0.0", "go")})
+    conn.receive_data(b"RSET\r\nMAIL FROM:<evil@x.example>\r\n")
+    conn.tls_established()
+    assert conn.next_event() is ev.NEED_DATA
+    seen = run(conn, b"EHLO c\r\n")
+    assert not any(isinstance(e, ev.MailFrom) for e in seen)
+
+
 def test_bdat_chunks() -> None:
     conn = greeted()
     run(conn, b"EHLO c\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<c@d.example>\r\n")

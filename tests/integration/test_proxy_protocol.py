@@ -4,8 +4,12 @@ header see; a bad or missing header closes the connection before any byte of SMT
 
 from __future__ import annotations
 
+import shutil
 import socket
 import ssl
+import subprocess
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,10 +18,11 @@ import trustme
 
 from tests import proxy_headers as ph
 
-from .daemon import Daemon, read_message
+from .daemon import Daemon, free_port, read_message
 from .wire import Wire
 
-TRUSTED = ["127.0.0.0/8", "192.0.2.0/24", "2001:db8:1::/48"]
+# 127.0.0.1 for LOCAL/UNKNOWN headers, 127.0.0.2 for clients behind the real HAProxy (127.0.0.3 is not).
+TRUSTED = ["127.0.0.1/32", "127.0.0.2/32", "192.0.2.0/24", "2001:db8:1::/48"]
 RELAY_DENIED = "554 5.7.1 <rcpt@external.example>: Relay access denied"
 
 
@@ -220,3 +225,80 @@ def test_implicit_tls_after_the_header(
     _, trace = spooled_trace(d)
     assert trace.startswith(b"Received: from client.example ([2001:db8:1::7])")
     assert b"with ESMTPS" in trace
+
+
+# ---- behind a real HAProxy (Debian's `haproxy` package; skipped where it is not installed) ---------------
+
+
+HAPROXY_CONFIG = """\
+global
+    maxconn 100
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 30s
+    timeout server 30s
+frontend smtp_v1
+    bind 127.0.0.1:{v1}
+    default_backend nodes_v1
+backend nodes_v1
+    server node1 127.0.0.1:{node} send-proxy
+frontend smtp_v2
+    bind 127.0.0.1:{v2}
+    default_backend nodes_v2
+backend nodes_v2
+    option smtpchk HELO lb.test.example
+    server node1 127.0.0.1:{node} send-proxy-v2 check check-send-proxy inter 200ms fall 2
+"""
+
+
+@pytest.fixture
+def haproxy(tmp_path: Path, daemon: Daemon) -> Iterator[dict[str, int]]:
+    binary = shutil.which("haproxy")
+    if binary is None:
+        pytest.skip("haproxy not installed (Debian package haproxy)")
+    ports = {"v1": free_port(), "v2": free_port()}
+    cfg = tmp_path / "haproxy.cfg"
+    cfg.write_text(HAPROXY_CONFIG.format(node=daemon.port(), **ports))
+    proc = subprocess.Popen(
+        [binary, "-db", "-f", str(cfg)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", ports["v2"]), timeout=1).close()
+                break
+            except OSError:
+                assert proc.poll() is None, proc.communicate()[1]
+                assert time.monotonic() < deadline, "haproxy did not start"
+                time.sleep(0.05)
+        yield ports
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def from_address(source: str, port: int) -> Wire:
+    """A client on `source` (any 127.0.0.0/8 address is local on Linux) through the balancer."""
+    w = Wire.__new__(Wire)
+    w.sock = socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(source, 0))
+    w.buf = b""
+    w.banner = w.reply()
+    return w
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_behind_haproxy_policy_sees_the_client(
+    tmp_path: Path, daemon: Daemon, haproxy: dict[str, int], version: str
+) -> None:
+    # The daemon's TCP peer is always HAProxy on 127.0.0.1; only 127.0.0.2 is trusted to relay.
+    time.sleep(1.0)  # several LOCAL health checks (v2) have run: a refused one would mark the node down
+    with from_address("127.0.0.3", haproxy[version]) as w:
+        assert w.banner == "220 mx.test.example ESMTP hedwigpy"
+        assert relay_attempt(w) == RELAY_DENIED
+    with from_address("127.0.0.2", haproxy[version]) as w:
+        assert send_message(w).startswith("250 2.0.0 Ok: queued as ")
+    _, trace = spooled_trace(daemon)
+    assert trace.startswith(b"Received: from client.example ([127.0.0.2])")
+    assert not [e for e in daemon.log_events() if e.get("event") == "proxy header refused"]

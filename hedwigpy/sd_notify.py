@@ -31,7 +31,7 @@ def notify(*states: str) -> bool:
         _warn_once(f"unsupported NOTIFY_SOCKET address {address[:64]!r}")
         return False
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
             # Non-blocking: a service manager that does not read must not stall the event loop.
             sock.setblocking(False)
             sock.connect(address)

@@ -3,17 +3,13 @@ must not come before the SMTP port answers; WATCHDOG=1 follows when `$WATCHDOG_U
 
 from __future__ import annotations
 
-import os
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import tomli_w
 
 from .daemon import Daemon
 from .wire import Wire
@@ -26,19 +22,9 @@ def manager(tmp_path: Path) -> Iterator[socket.socket]:
         yield sock
 
 
-def spawn(d: Daemon, manager: socket.socket, **env: str) -> subprocess.Popen[bytes]:
+def spawn(d: Daemon, manager: socket.socket, **env: str) -> None:
     """Start the daemon without waiting for its log: the notification alone must say when it is ready."""
-    d.config_path.write_text(tomli_w.dumps(d.config))
-    environment = dict(os.environ, NOTIFY_SOCKET=manager.getsockname(), **env)
-    with d.log_path.open("ab") as log:
-        d.proc = subprocess.Popen(
-            [sys.executable, "-m", "hedwigpy", "serve", "-c", str(d.config_path)],
-            cwd=d.tmp,
-            stdout=log,
-            stderr=log,
-            env=environment,
-        )
-    return d.proc
+    d.spawn(NOTIFY_SOCKET=manager.getsockname(), **env)
 
 
 def receive(manager: socket.socket, timeout: float) -> list[str]:

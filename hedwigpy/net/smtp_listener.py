@@ -89,7 +89,8 @@ async def handle_connection(
                     )
                     return
                 if header.source is not None:  # else LOCAL/UNKNOWN: the balancer itself (health check)
-                    ip_text, port = str(header.source[0]), header.source[1]
+                    # An IPv4-mapped source is its IPv4 client, for per-IP limits and logs as for policy.
+                    ip_text, port = str(parse_ip(str(header.source[0]))), header.source[1]
                     client_addr = _address(ip_text, port)
                 stream = PrefixedStream(raw, rest) if rest else raw
             refusal = limits.refusal(ip_text)

@@ -96,8 +96,9 @@ def test_an_ipv4_mapped_source_is_the_ipv4_client(daemon: Daemon) -> None:
         assert relay_attempt(w) == RELAY_DENIED
     with behind(daemon, ph.v2("::ffff:192.0.2.9", 1, "::ffff:198.51.100.25", 25)) as w:
         send_message(w)
-    _, trace = spooled_trace(daemon)
+    envelope, trace = spooled_trace(daemon)
     assert b"([192.0.2.9])" in trace
+    assert envelope["client_addr"] == "192.0.2.9:1"
 
 
 @pytest.mark.parametrize("header", [ph.v2_local(), b"PROXY UNKNOWN\r\n"], ids=["v2-local", "v1-unknown"])

@@ -119,8 +119,8 @@ def test_bytes_after_the_header_reach_smtp(daemon: Daemon) -> None:
         assert w.reply() == "250 2.0.0 Ok"
 
 
-def refused_silently(d: Daemon, data: bytes, *, then_close: bool = False) -> bool:
-    """Sends `data`; True when the daemon closes without sending a single byte."""
+def assert_closed_silently(d: Daemon, data: bytes, *, then_close: bool = False) -> None:
+    """Sends `data`; the daemon must close the connection without sending a single byte."""
     with socket.create_connection(("127.0.0.1", d.port()), timeout=15) as s:
         s.sendall(data)
         if then_close:
@@ -132,7 +132,6 @@ def refused_silently(d: Daemon, data: bytes, *, then_close: bool = False) -> boo
         except ConnectionResetError:
             pass
     assert received == b"", received
-    return True
 
 
 @pytest.mark.parametrize(
@@ -161,7 +160,7 @@ def refused_silently(d: Daemon, data: bytes, *, then_close: bool = False) -> boo
     ],
 )
 def test_a_malformed_or_missing_header_closes_without_a_banner(daemon: Daemon, data: bytes) -> None:
-    assert refused_silently(daemon, data)
+    assert_closed_silently(daemon, data)
     assert daemon.all_spooled()["queued"] == []
     refusals = [e for e in daemon.log_events() if e.get("event") == "proxy header refused"]
     assert refusals and refusals[-1]["peer"].startswith("127.0.0.1:")
@@ -171,7 +170,7 @@ def test_a_malformed_or_missing_header_closes_without_a_banner(daemon: Daemon, d
     "data", [b"PROXY TCP4 203.0.1", ph.v2("192.0.2.7", 1, "198.51.100.25", 25)[:20], b""]
 )
 def test_a_truncated_header_then_close_is_refused(daemon: Daemon, data: bytes) -> None:
-    assert refused_silently(daemon, data, then_close=True)
+    assert_closed_silently(daemon, data, then_close=True)
     assert "connection closed after" in daemon.log_events()[-1]["error"]
 
 
@@ -280,25 +279,16 @@ def haproxy(tmp_path: Path, daemon: Daemon) -> Iterator[dict[str, int]]:
         proc.wait(10)
 
 
-def from_address(source: str, port: int) -> Wire:
-    """A client on `source` (any 127.0.0.0/8 address is local on Linux) through the balancer."""
-    w = Wire.__new__(Wire)
-    w.sock = socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(source, 0))
-    w.buf = b""
-    w.banner = w.reply()
-    return w
-
-
 @pytest.mark.parametrize("version", ["v1", "v2"])
 def test_behind_haproxy_policy_sees_the_client(
     tmp_path: Path, daemon: Daemon, haproxy: dict[str, int], version: str
 ) -> None:
     # The daemon's TCP peer is always HAProxy on 127.0.0.1; only 127.0.0.2 is trusted to relay.
     time.sleep(1.0)  # several LOCAL health checks (v2) have run: a refused one would mark the node down
-    with from_address("127.0.0.3", haproxy[version]) as w:
+    with Wire(haproxy[version], source="127.0.0.3") as w:  # any 127/8 address is local
         assert w.banner == "220 mx.test.example ESMTP hedwigpy"
         assert relay_attempt(w) == RELAY_DENIED
-    with from_address("127.0.0.2", haproxy[version]) as w:
+    with Wire(haproxy[version], source="127.0.0.2") as w:
         assert send_message(w).startswith("250 2.0.0 Ok: queued as ")
     _, trace = spooled_trace(daemon)
     assert trace.startswith(b"Received: from client.example ([127.0.0.2])")

@@ -22,6 +22,7 @@ from .net.smtp_listener import ConnectionLimits, serve_smtp
 from .net.tls import server_context
 from .policy import RateLimiter
 from .receiver import ReceiverContext
+from .sd_notify import notify, serve_watchdog
 from .storage import FilesystemStorage, Storage
 from .submit import Submitter
 from .webhooks import DIRECTORY as WEBHOOKS_DIR
@@ -119,6 +120,10 @@ class Daemon:
                 log.info(
                     "ready", listeners=[lst.name for lst in cfg.listeners], spool=str(cfg.server.spool_dir)
                 )
+                # systemd (Type=notify): every listener is bound and the spool is open.
+                smtp = ", ".join(str(lst.addr) for lst in cfg.listeners)
+                notify("READY=1", f"STATUS=Accepting mail: SMTP {smtp}, HTTP {cfg.http.addr}")
+                await nursery.start(serve_watchdog)
                 task_status.started()
         finally:
             await self.storage.close()

@@ -14,6 +14,8 @@ from ..policy import parse_ip
 from ..receiver import Receiver, ReceiverContext
 from ..smtp import Reply, ServerConnection, State
 from ..smtp import events as ev
+from ._proxied import HEADER_TIMEOUT, PrefixedStream, read_header
+from .proxy_protocol import ProxyError
 
 log = structlog.get_logger("hedwigpy.smtp")
 
@@ -30,7 +32,8 @@ class ConnectionLimits:
     per_ip: Counter[str] = field(default_factory=Counter)
 
     def refusal(self, ip: str) -> Reply | None:
-        if self.total >= self.max_total:
+        """Why a new connection from `ip` is refused; `total` already counts it, `per_ip` does not."""
+        if self.total > self.max_total:
             return Reply(421, "4.7.0", "Too many connections, try again later")
         if self.per_ip[ip] >= self.max_per_ip:
             return Reply(421, "4.7.0", "Too many connections from your address, try again later")
@@ -67,25 +70,43 @@ async def handle_connection(
 ) -> None:
     """One connection, from accept to close. Errors end this connection only, and are logged."""
     peer = raw.socket.getpeername()
-    ip_text = str(peer[0])
-    client_addr = f"[{ip_text}]:{peer[1]}" if ":" in ip_text else f"{ip_text}:{peer[1]}"
-    refusal = limits.refusal(ip_text)
+    ip_text, port = str(peer[0]), int(peer[1])
+    client_addr = _address(ip_text, port)
+    # Counted from the accept, so connections still sending their PROXY header count as well.
     limits.total += 1
-    limits.per_ip[ip_text] += 1
+    counted_ip: str | None = None
     try:
         async with raw:
+            stream: trio.abc.Stream = raw
+            if ctx.listener.proxy_protocol:
+                # Before any byte of ours: the balancer speaks first (spec section 2).
+                try:
+                    timeout = min(ctx.config.limits.command_timeout, HEADER_TIMEOUT)
+                    header, rest = await read_header(raw, trio.current_time() + timeout)
+                except ProxyError as exc:
+                    log.warning(
+                        "proxy header refused", peer=client_addr, listener=ctx.listener.name, error=str(exc)
+                    )
+                    return
+                if header.source is not None:  # else LOCAL/UNKNOWN: the balancer itself (health check)
+                    # An IPv4-mapped source is its IPv4 client, for per-IP limits and logs as for policy.
+                    ip_text, port = str(parse_ip(str(header.source[0]))), header.source[1]
+                    client_addr = _address(ip_text, port)
+                stream = PrefixedStream(raw, rest) if rest else raw
+            refusal = limits.refusal(ip_text)
+            limits.per_ip[ip_text] += 1
+            counted_ip = ip_text
             if refusal is not None:
                 with trio.move_on_after(5):
-                    await raw.send_all(
+                    await stream.send_all(
                         Reply(421, refusal.enhanced, f"{ctx.hostname} {refusal.text}").to_bytes()
                     )
                 log.warning("connection refused", client=client_addr, reason=refusal.text)
                 return
-            stream: trio.abc.Stream = raw
             implicit = ctx.listener.tls == "implicit"
             if implicit:
                 assert ssl_context is not None
-                stream = trio.SSLStream(raw, ssl_context, server_side=True)
+                stream = trio.SSLStream(stream, ssl_context, server_side=True)
             receiver = Receiver(ctx, parse_ip(ip_text), client_addr, tls=implicit)
             try:
                 await _Session(stream, receiver, ssl_context).run()
@@ -97,9 +118,14 @@ async def handle_connection(
         log.exception("connection failed", client=client_addr)
     finally:
         limits.total -= 1
-        limits.per_ip[ip_text] -= 1
-        if not limits.per_ip[ip_text]:
-            del limits.per_ip[ip_text]
+        if counted_ip is not None:
+            limits.per_ip[counted_ip] -= 1
+            if not limits.per_ip[counted_ip]:
+                del limits.per_ip[counted_ip]
+
+
+def _address(ip_text: str, port: int) -> str:
+    return f"[{ip_text}]:{port}" if ":" in ip_text else f"{ip_text}:{port}"
 
 
 class _Session:

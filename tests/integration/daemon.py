@@ -84,9 +84,10 @@ class Daemon:
                 return int(lst["addr"].rsplit(":", 1)[1])
         raise KeyError(listener)
 
-    def start(self, timeout: float = 20.0) -> None:
+    def spawn(self, **env: str) -> int:
+        """Start the process with `env` added to ours, without waiting; the log offset of its lines."""
         self.config_path.write_text(tomli_w.dumps(self.config))
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        environment = dict(os.environ, PYTHONUNBUFFERED="1", **env)
         offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
@@ -94,9 +95,14 @@ class Daemon:
                 cwd=self.tmp,
                 stdout=log,
                 stderr=log,
-                env=env,
+                env=environment,
             )
         self.starts += 1
+        return offset
+
+    def start(self, timeout: float = 20.0) -> None:
+        offset = self.spawn()
+        assert self.proc is not None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -9,8 +9,19 @@ import time
 
 
 class Wire:
-    def __init__(self, port: int, host: str = "127.0.0.1", *, timeout: float = 10.0, greet: bool = True):
-        self.sock: socket.socket | ssl.SSLSocket = socket.create_connection((host, port), timeout=timeout)
+    def __init__(
+        self,
+        port: int,
+        host: str = "127.0.0.1",
+        *,
+        timeout: float = 10.0,
+        greet: bool = True,
+        source: str | None = None,
+    ):
+        source_address = None if source is None else (source, 0)
+        self.sock: socket.socket | ssl.SSLSocket = socket.create_connection(
+            (host, port), timeout=timeout, source_address=source_address
+        )
         self.buf = b""
         if greet:
             self.banner = self.reply()

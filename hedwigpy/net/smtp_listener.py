@@ -70,7 +70,9 @@ async def handle_connection(
 ) -> None:
     """One connection, from accept to close. Errors end this connection only, and are logged."""
     peer = raw.socket.getpeername()
-    ip_text, port = str(peer[0]), int(peer[1])
+    # trio binds IPv6 sockets V6ONLY, so a mapped address only comes from a PROXY header, but the
+    # client is named the same way (its IPv4 address) on every path: limits, logs and policy.
+    ip_text, port = _client_ip(str(peer[0])), int(peer[1])
     client_addr = _address(ip_text, port)
     # Counted from the accept, so connections still sending their PROXY header count as well.
     limits.total += 1
@@ -90,7 +92,7 @@ async def handle_connection(
                     return
                 if header.source is not None:  # else LOCAL/UNKNOWN: the balancer itself (health check)
                     # An IPv4-mapped source is its IPv4 client, for per-IP limits and logs as for policy.
-                    ip_text, port = str(parse_ip(str(header.source[0]))), header.source[1]
+                    ip_text, port = _client_ip(str(header.source[0])), header.source[1]
                     client_addr = _address(ip_text, port)
                 stream = PrefixedStream(raw, rest) if rest else raw
             refusal = limits.refusal(ip_text)
@@ -122,6 +124,11 @@ async def handle_connection(
             limits.per_ip[counted_ip] -= 1
             if not limits.per_ip[counted_ip]:
                 del limits.per_ip[counted_ip]
+
+
+def _client_ip(text: str) -> str:
+    addr = parse_ip(text)
+    return text if addr is None else str(addr)
 
 
 def _address(ip_text: str, port: int) -> str:

@@ -20,6 +20,7 @@ log = structlog.get_logger("hedwigpy.smtp")
 
 RECEIVE_SIZE = 65536
 CLOSE_TIMEOUT = 5.0  # seconds to drop a half-received message once the connection is gone
+LINGER = 1.0  # seconds a connection closed for shutdown waits for the client to close its side
 
 
 @dataclass
@@ -194,6 +195,8 @@ class _Session:
             else:
                 deadline = trio.current_time() + self.limits.command_timeout
         await self._flush()
+        if self.drain.draining and isinstance(self.stream, trio.SocketStream):
+            await _linger(self.stream)
 
     def _shutting_down(self) -> None:
         reply = Reply(421, "4.3.2", f"{self.receiver.ctx.hostname} Service shutting down")
@@ -215,3 +218,13 @@ class _Session:
         self.stream = tls
         self.conn.tls_established()
         self.receiver.tls_active = True
+
+
+async def _linger(stream: trio.SocketStream) -> None:
+    """Half-close and read what the client still sends, briefly, before the socket closes: closing
+    with unread input makes the kernel send a reset, which can destroy our 421 in the client's receive
+    buffer before it reads it (a pipelining client has often sent its next command already)."""
+    with trio.move_on_after(LINGER):
+        await stream.send_eof()
+        while await stream.receive_some(RECEIVE_SIZE):
+            pass

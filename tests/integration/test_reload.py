@@ -1,16 +1,19 @@
 """SIGHUP reloads hedwig.toml (issue 8): a new route changes where the next message goes while a
-connection opened before the reload stays usable; users and API keys change at once; a file that does not
-load is refused with a log line naming the error, and the daemon keeps serving with the old config."""
+connection opened before the reload stays usable; users, API keys and TLS certificates change for new
+sessions and requests; a file that does not load is refused with a log line naming the error, and the
+daemon keeps serving with the old config."""
 
 from __future__ import annotations
 
 import signal
 import smtplib
+import ssl
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import pytest
+import trustme
 
 from hedwigpy.auth import hash_password
 from tests.dns_server import DnsServer
@@ -161,4 +164,47 @@ def test_users_and_api_keys_change_at_once(
     assert (login("old", "old-pw"), login("new", "new-pw")) == (535, 235)
     assert open_before.login("old", "old-pw")[0] == 235  # a session keeps the config it started with
     open_before.close()
+    assert d.stop() == 0
+
+
+def test_a_new_certificate_is_used_by_new_connections(
+    tmp_path: Path,
+    config: dict[str, Any],
+    daemon_factory: type[Daemon],
+    certfiles: tuple[Path, Path],
+    ca: trustme.CA,
+) -> None:
+    cert, key = certfiles
+    config["listeners"][0].update({"tls": "starttls", "cert": str(cert), "key": str(key)})
+    d = daemon_factory(tmp_path, config)
+    d.start()
+    ctx = ssl.create_default_context()
+    ca.configure_trust(ctx)
+
+    def names(client: smtplib.SMTP) -> list[str]:
+        client.ehlo("client.example")
+        client.starttls(context=ctx)
+        assert isinstance(client.sock, ssl.SSLSocket)
+        peer = client.sock.getpeercert()
+        assert peer is not None
+        sans = cast(tuple[tuple[str, str], ...], peer["subjectAltName"])
+        return [value for kind, value in sans if kind == "DNS"]
+
+    open_before = smtplib.SMTP("localhost", d.port(), timeout=10)
+    assert "mx.test.example" in names(smtplib.SMTP("localhost", d.port(), timeout=10))
+
+    renewed = ca.issue_cert("localhost", "renewed.test.example")
+    renewed.private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "renewed.pem"))
+    renewed.private_key_pem.write_to_path(str(tmp_path / "renewed.key"))
+    d.config["listeners"][0].update(
+        {"cert": str(tmp_path / "renewed.pem"), "key": str(tmp_path / "renewed.key")}
+    )
+    assert reload(d)["event"] == "reloaded"
+    assert "renewed.test.example" in names(smtplib.SMTP("localhost", d.port(), timeout=10))
+    assert "mx.test.example" in names(open_before)  # a session keeps the context it started with
+
+    d.config["listeners"][0]["cert"] = str(tmp_path / "missing.pem")
+    refusal = reload(d)
+    assert any(e.startswith("listeners[0].cert") for e in refusal["errors"]), refusal
+    assert "renewed.test.example" in names(smtplib.SMTP("localhost", d.port(), timeout=10))
     assert d.stop() == 0

@@ -201,16 +201,17 @@ class Daemon:
         except ConfigError as exc:
             log.error("reload refused; keeping the running config", config=str(path), errors=exc.errors)
             return
-        problems = await trio.to_thread.run_sync(check_files, loaded)
+        problems = await trio.to_thread.run_sync(check_files, loaded)  # what `config check` finds
         restart = restart_needed(self.config, loaded)
         new = effective(self.config, loaded)
-        try:  # build everything that can fail before anything is swapped
-            router = Router(new.routes)
-            contexts = {lst.name: _ssl_context(lst) for lst in new.listeners}
-            # DKIM: rebuild the signer from `new.dkim` here (a key that does not load refuses the reload
-            # like any other error), and swap it in below with the rest.
-        except (RouteError, ssl.SSLError, OSError, ValueError) as exc:
-            problems.append(str(exc))
+        if not problems:
+            try:  # build everything that can still fail before anything is swapped
+                router = Router(new.routes)
+                contexts = {lst.name: _ssl_context(lst) for lst in new.listeners}
+                # DKIM HOOK (rebuild the signer): build it from `new.dkim` here, so that a key that does
+                # not load refuses the reload like any other error; `_apply` swaps it in with the rest.
+            except (RouteError, ssl.SSLError, OSError, ValueError) as exc:
+                problems.append(str(exc))
         if problems:
             log.error("reload refused; keeping the running config", config=str(path), errors=problems)
             return
@@ -235,7 +236,7 @@ class Daemon:
         self.deliverer.reconfigure(new, router)
         self.scheduler.reconfigure(new)
         self.submitter.reconfigure(new)
-        # DKIM: swap in the signer built in `reload` here.
+        # DKIM HOOK (swap the signer): install the signer `reload` built from `new.dkim` here.
         for apply in self._reloads:
             apply(new)
 

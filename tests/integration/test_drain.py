@@ -257,3 +257,35 @@ def test_sigterm_during_a_load_run_loses_nothing(
     )
     twice = [t for t, n in Counter(mx.subjects()).items() if n > 1]
     assert not twice, twice
+
+
+def test_an_http_request_in_flight_gets_its_answer(
+    tmp_path: Path,
+    config: dict[str, Any],
+    daemon_factory: type[Daemon],
+    dns: DnsServer,
+    upstreams: UpstreamPool,
+) -> None:
+    mx = upstreams.add(MX1, name="mx1.example.net", data_delay=1.5)  # the POST waits on cut-through
+    publish(dns, "example.net", (10, "mx1.example.net", MX1))
+    config["server"]["drain_timeout"] = "20s"
+    d = run(tmp_path, config, daemon_factory, dns, upstreams, cut_through=True, cut_through_timeout="10s")
+    answers: list[httpx.Response] = []
+    body = {"from": SENDER, "to": ["ann@example.net"], "subject": "posted", "text": "hi"}
+
+    def submit() -> None:
+        url = f"http://{config['http']['addr']}/v1/messages"
+        answers.append(httpx.post(url, json=body, timeout=30, trust_env=False))
+
+    poster = threading.Thread(target=submit)
+    poster.start()
+    wait_until(lambda: any("DATA" in c.verbs for c in mx.connections), 10, "the cut-through's DATA")
+    started = time.monotonic()
+    d.signal(signal.SIGTERM)
+    poster.join(20)
+    assert d.wait_exit(20) == 0
+    assert time.monotonic() - started < 10
+    (answer,) = answers
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["status"] == "delivered"
+    assert mx.subjects() == ["posted"]

@@ -208,3 +208,25 @@ def test_a_new_certificate_is_used_by_new_connections(
     assert any(e.startswith("listeners[0].cert") for e in refusal["errors"]), refusal
     assert "renewed.test.example" in names(smtplib.SMTP("localhost", d.port(), timeout=10))
     assert d.stop() == 0
+
+
+def test_limits_apply_to_new_sessions_and_open_ones_keep_theirs(
+    tmp_path: Path, config: dict[str, Any], daemon_factory: type[Daemon]
+) -> None:
+    config["limits"] = {"max_message_size": 100_000}
+    d = daemon_factory(tmp_path, config)
+    d.start()
+
+    def size(client: smtplib.SMTP) -> str:
+        client.ehlo("client.example")
+        return client.esmtp_features["size"]
+
+    open_before = smtplib.SMTP("127.0.0.1", d.port(), timeout=10)
+    assert size(open_before) == "100000"
+    d.config["limits"] = {"max_message_size": 200_000}
+    assert reload(d)["event"] == "reloaded"
+    with smtplib.SMTP("127.0.0.1", d.port(), timeout=10) as client:
+        assert size(client) == "200000"
+    assert size(open_before) == "100000"
+    open_before.close()
+    assert d.stop() == 0

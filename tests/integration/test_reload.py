@@ -45,6 +45,13 @@ def reload(d: Daemon) -> dict[str, Any]:
     return found[0]
 
 
+def session(d: Daemon, host: str = "127.0.0.1") -> smtplib.SMTP:
+    """A new SMTP session with the daemon, past EHLO."""
+    client = smtplib.SMTP(host, d.port(), timeout=10)
+    client.ehlo("client.example")
+    return client
+
+
 def send_on(client: smtplib.SMTP, subject: str) -> str:
     assert client.mail(SENDER)[0] == 250
     assert client.rcpt("ann@example.net")[0] == 250
@@ -76,8 +83,7 @@ def test_a_new_route_applies_to_the_next_message_on_a_connection_opened_before(
     two_upstreams: tuple[Daemon, Upstream, Upstream],
 ) -> None:
     d, a, b = two_upstreams
-    with smtplib.SMTP("127.0.0.1", d.port(), timeout=10) as client:
-        client.ehlo("client.example")
+    with session(d) as client:
         assert settle(d, send_on(client, "before")) == "gone"
         assert a.subjects() == ["before"]
 
@@ -86,8 +92,7 @@ def test_a_new_route_applies_to_the_next_message_on_a_connection_opened_before(
 
         assert settle(d, send_on(client, "after, same connection")) == "gone"
         assert client.noop()[0] == 250
-    with smtplib.SMTP("127.0.0.1", d.port(), timeout=10) as client:
-        client.ehlo("client.example")
+    with session(d) as client:
         assert settle(d, send_on(client, "after, new connection")) == "gone"
     assert a.subjects() == ["before"]
     assert b.subjects() == ["after, same connection", "after, new connection"]
@@ -98,9 +103,7 @@ def test_a_broken_file_is_refused_and_the_old_config_keeps_serving(
     two_upstreams: tuple[Daemon, Upstream, Upstream],
 ) -> None:
     d, a, b = two_upstreams
-    with smtplib.SMTP("127.0.0.1", d.port(), timeout=10) as client:
-        client.ehlo("client.example")
-
+    with session(d) as client:
         d.config_path.write_text("[server\nhostname = ")  # a TOML syntax error
         offset = d.log_size()
         d.signal(signal.SIGHUP)
@@ -182,7 +185,6 @@ def test_a_new_certificate_is_used_by_new_connections(
     ca.configure_trust(ctx)
 
     def names(client: smtplib.SMTP) -> list[str]:
-        client.ehlo("client.example")
         client.starttls(context=ctx)
         assert isinstance(client.sock, ssl.SSLSocket)
         peer = client.sock.getpeercert()
@@ -190,8 +192,8 @@ def test_a_new_certificate_is_used_by_new_connections(
         sans = cast(tuple[tuple[str, str], ...], peer["subjectAltName"])
         return [value for kind, value in sans if kind == "DNS"]
 
-    open_before = smtplib.SMTP("localhost", d.port(), timeout=10)
-    assert "mx.test.example" in names(smtplib.SMTP("localhost", d.port(), timeout=10))
+    open_before = session(d, "localhost")
+    assert "mx.test.example" in names(session(d, "localhost"))
 
     renewed = ca.issue_cert("localhost", "renewed.test.example")
     renewed.private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "renewed.pem"))
@@ -200,13 +202,13 @@ def test_a_new_certificate_is_used_by_new_connections(
         {"cert": str(tmp_path / "renewed.pem"), "key": str(tmp_path / "renewed.key")}
     )
     assert reload(d)["event"] == "reloaded"
-    assert "renewed.test.example" in names(smtplib.SMTP("localhost", d.port(), timeout=10))
+    assert "renewed.test.example" in names(session(d, "localhost"))
     assert "mx.test.example" in names(open_before)  # a session keeps the context it started with
 
     d.config["listeners"][0]["cert"] = str(tmp_path / "missing.pem")
     refusal = reload(d)
     assert any(e.startswith("listeners[0].cert") for e in refusal["errors"]), refusal
-    assert "renewed.test.example" in names(smtplib.SMTP("localhost", d.port(), timeout=10))
+    assert "renewed.test.example" in names(session(d, "localhost"))
     assert d.stop() == 0
 
 

@@ -36,7 +36,9 @@ pytestmark = pytest.mark.timeout(20)
 class ScriptedDelivery:
     """Answers each recipient from its script, one reply per attempt (the last one repeats)."""
 
-    def __init__(self, scripts: dict[str, Sequence[str]]) -> None:
+    def __init__(self, scripts: dict[str, Sequence[str]], *, delay: float = 0.0) -> None:
+        self.delay = delay  # each attempt takes this long
+        self.finished: list[str] = []  # ids of the attempts that were not cancelled
         # Bounces to the sender stay queued, so tests can read them.
         self.scripts = {"sender@example.org": ["451 4.0.0 keep the bounce"]}
         self.scripts.update({rcpt: list(replies) for rcpt, replies in scripts.items()})
@@ -51,6 +53,9 @@ class ScriptedDelivery:
         deadline: float | None = None,
     ) -> list[Result]:
         self.calls.append((wall(), message.id, tuple(recipients)))
+        if self.delay:
+            await trio.sleep(self.delay)
+        self.finished.append(message.id)
         results: list[Result] = []
         for rcpt in recipients:
             script = self.scripts.get(rcpt, ["250 2.0.0 ok"])
@@ -307,32 +312,10 @@ async def test_a_recorded_failure_without_a_bounce_gets_one(autojump_clock: trio
     assert storage.statuses[message.id].recipients[0].bounced
 
 
-class SlowDelivery(ScriptedDelivery):
-    """Delivers every recipient after `seconds`, noting which attempts finished."""
-
-    def __init__(self, seconds: float) -> None:
-        super().__init__({})
-        self.seconds = seconds
-        self.finished: list[str] = []
-
-    async def deliver(
-        self,
-        message: StoredMessage,
-        recipients: Sequence[str],
-        *,
-        content: Callable[[], AsyncIterator[bytes]] | None = None,
-        deadline: float | None = None,
-    ) -> list[Result]:
-        self.calls.append((wall(), message.id, tuple(recipients)))
-        await trio.sleep(self.seconds)
-        self.finished.append(message.id)
-        return [result_for(r, Reply(250, "2.0.0", "ok"), HOST) for r in recipients]
-
-
 async def test_a_drain_starts_no_attempt_and_waits_for_those_in_flight(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    storage, delivery = MemoryStorage(), SlowDelivery(10)
+    storage, delivery = MemoryStorage(), ScriptedDelivery({}, delay=10)
     drain = Drain()
     scheduler = Scheduler(storage, delivery, config(), clock=wall, concurrency=2)
     async with trio.open_nursery() as nursery:

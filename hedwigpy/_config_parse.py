@@ -169,8 +169,9 @@ def _server(r: Reader, base_dir: Path) -> ServerConfig:
     hostname = r.get("hostname", parse_hostname, "") or default_hostname()
     spool_dir = r.path("spool_dir", base_dir, "var/spool")
     assert spool_dir is not None
+    drain_timeout = r.duration("drain_timeout", "30s")
     r.finish()
-    return ServerConfig(hostname=hostname, spool_dir=spool_dir)
+    return ServerConfig(hostname=hostname, spool_dir=spool_dir, drain_timeout=drain_timeout)
 
 
 def _log(r: Reader, env: Mapping[str, str]) -> LogConfig:

@@ -71,6 +71,9 @@ class ServerConfig:
 
     hostname: str = field(default_factory=default_hostname)  # 220 greeting, Received, EHLO outbound
     spool_dir: Path = Path("var/spool")
+    # SIGTERM: how long in-flight SMTP transactions, HTTP requests and delivery attempts get to finish
+    # before they are cancelled (keep systemd's TimeoutStopSec above it).
+    drain_timeout: float = 30.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -82,6 +82,11 @@ class Receiver:
         return self._trusted or self.user is not None
 
     @property
+    def in_transaction(self) -> bool:
+        """Between MAIL and the reply to the end of its data (or RSET): what a drain lets finish."""
+        return self._txn is not None
+
+    @property
     def auth_offered(self) -> bool:
         return bool(self.ctx.users) and (self.tls_active or is_loopback(self.client_ip))
 

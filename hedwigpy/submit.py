@@ -28,6 +28,7 @@ import trio
 
 from .config import Config, ListenerRole
 from .events import EventBus
+from .lifecycle import Drain
 from .smtp import Reply
 from .storage import DeliveryStatus, MessageWriter, State, Storage, StoredMessage
 from .worker.results import Delivered, PermanentFailure, Result, record
@@ -78,13 +79,19 @@ class Submitter:
         *,
         rng: random.Random | None = None,
         events: EventBus | None = None,
+        drain: Drain | None = None,
     ) -> None:
         self._events = events
+        self._drain = drain
         self._config = config
         self._storage = storage
         self._deliverer = deliverer
         self._scheduler = scheduler
         self._rng = rng if rng is not None else random.Random()
+
+    def reconfigure(self, config: Config) -> None:
+        """A reloaded config: messages submitted from now on use its delivery and queue settings."""
+        self._config = config
 
     async def submit(self, writer: MessageWriter, size: int, role: ListenerRole) -> Submitted:
         """Deliver or spool a complete message. Raises StorageError when it had to be kept and could not."""
@@ -100,7 +107,8 @@ class Submitter:
                 size=size,
             )
         delivery = self._config.delivery
-        if not delivery.cut_through:
+        if not delivery.cut_through or (self._drain is not None and self._drain.draining):
+            # Draining: the spool is the quickest durable answer; the upstream can wait for the restart.
             return await self._keep(writer, None, [])
         message = StoredMessage(writer.message_id, State.QUEUED, envelope, size)
         deadline = trio.current_time() + delivery.cut_through_timeout

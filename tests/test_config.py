@@ -716,3 +716,10 @@ def test_the_examples_commented_out_in_the_example_config_are_valid(tmp_path: Pa
     assert c.listeners[1].cert == tmp_path / "tls/fullchain.pem"
     assert len(c.users) == len(c.api_keys) == len(c.dkim.keys) == len(c.filters) == 1
     assert [r.transport for r in c.routes] == ["relay", "mx"]
+
+
+def test_drain_timeout_is_a_duration_defaulting_to_30s() -> None:
+    assert parse({}).server.drain_timeout == 30.0
+    assert parse({"server": {"drain_timeout": "5s"}}).server.drain_timeout == 5.0
+    assert parse({"server": {"drain_timeout": "0s"}}).server.drain_timeout == 0.0  # cancel at once
+    assert only_error({"server": {"drain_timeout": "soon"}}).startswith("server.drain_timeout: ")

@@ -68,6 +68,12 @@ class ApiAuth:
         self._verified: dict[bytes, str] = {}  # sha256(key) → key name
         self._limiter = trio.CapacityLimiter(2)
 
+    def reconfigure(self, keys: Sequence[ApiKeyConfig]) -> None:
+        """A reloaded `[[api_keys]]`: requests from now on are checked against these. The keys verified
+        so far are forgotten, so a removed or replaced key stops working at once."""
+        self._keys = tuple(keys)
+        self._verified = {}
+
     @property
     def open_to_loopback(self) -> bool:
         """No keys configured: loopback clients are served without authentication."""

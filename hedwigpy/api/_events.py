@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import structlog
 import trio
@@ -79,8 +79,12 @@ def encode(event: Event) -> str:
     return json.dumps(event, ensure_ascii=False, separators=(",", ":"), default=str)
 
 
-def add_event_routes(app: QuartTrio, events: EventBus, auth: ApiAuth) -> None:
-    """Register `WS /v1/events` on `app`, streaming `events`, authorized by `auth`."""
+def add_event_routes(
+    app: QuartTrio, events: EventBus, auth: ApiAuth, stopping: Callable[[], Awaitable[None]] | None = None
+) -> None:
+    """Register `WS /v1/events` on `app`, streaming `events`, authorized by `auth`. Once `stopping`
+    returns (the daemon has drained), each stream is closed with 1001 Going Away: a subscriber sees
+    the drain's last events, and does not hold up the exit."""
 
     @app.websocket(PATH)
     async def event_stream() -> Response | None:
@@ -103,12 +107,21 @@ def add_event_routes(app: QuartTrio, events: EventBus, auth: ApiAuth) -> None:
             try:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(_discard_input)  # keeps the disconnect in view
+                    if stopping is not None:
+                        nursery.start_soon(_close_when, stopping, nursery.cancel_scope)
                     await _stream(subscription)
             except Exception as exc:  # the client went away mid-send, or the like: not the app's error
                 log.debug("events stream ended", client=client, error=repr(exc))
             finally:
                 log.info("events unsubscribed", client=client, dropped=subscription.dropped)
         return None
+
+
+async def _close_when(stopping: Callable[[], Awaitable[None]], scope: trio.CancelScope) -> None:
+    await stopping()
+    with trio.move_on_after(1):
+        await websocket.close(1001, "server shutting down")
+    scope.cancel()
 
 
 async def _discard_input() -> None:

@@ -77,6 +77,10 @@ class MessageIntake:
         self._client_rate = client_rate
         self._idempotency = idempotency
 
+    def reconfigure(self, config: Config) -> None:
+        """A reloaded config: limits and filters for requests from now on."""
+        self._config = config
+
     @property
     def max_body(self) -> int:
         """The largest request body worth reading: the largest message base64-encoded (4/3, and line

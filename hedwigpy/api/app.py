@@ -100,6 +100,8 @@ def create_app(
     intake: MessageIntake | None = None,
     events: EventBus | None = None,
     metrics: MetricsCollector | None = None,
+    auth: ApiAuth | None = None,
+    stopping: Callable[[], Awaitable[None]] | None = None,
 ) -> QuartTrio:
     """The admin API acting on `queue`; `ready()` answers /readyz. `POST /v1/messages` goes to `intake`
     (without one it answers 503)."""
@@ -107,9 +109,10 @@ def create_app(
     app.config["PROVIDE_AUTOMATIC_OPTIONS"] = False
     if intake is not None:  # a bigger body is refused (413) before it is read
         app.config["MAX_CONTENT_LENGTH"] = intake.max_body
-    auth = ApiAuth(api_keys)
+    if auth is None:  # the daemon passes its own, to swap the keys on reload
+        auth = ApiAuth(api_keys)
     if events is not None:  # WS /v1/events (hedwigpy.api._events)
-        add_event_routes(app, events, auth)
+        add_event_routes(app, events, auth, stopping)
 
     @app.before_request
     async def authorize() -> Response | None:

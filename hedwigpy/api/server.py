@@ -7,7 +7,7 @@ access log unless the level is debug, server errors as `error` events.
 from __future__ import annotations
 
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
 
@@ -17,6 +17,7 @@ from hypercorn.config import Config as HyperConfig
 from hypercorn.logging import Logger as HyperLogger
 from hypercorn.trio import serve
 from hypercorn.typing import ResponseSummary, WWWScope
+from quart_trio import QuartTrio
 
 from ..config import Config, HostPort
 from ..events import EventBus
@@ -24,6 +25,7 @@ from ..metrics import MetricsCollector
 from ..policy import RateLimiter
 from ..storage import Storage
 from ..worker.control import QueueControl
+from ._auth import ApiAuth
 from ._idempotency import DIRECTORY as IDEMPOTENCY_DIR
 from ._idempotency import IdempotencyStore
 from ._intake import MessageIntake, SubmitFn
@@ -134,24 +136,55 @@ async def serve_http(
     client_rate: RateLimiter | None = None,
     events: EventBus | None = None,
     metrics: MetricsCollector | None = None,
+    shutdown: Callable[[], Awaitable[float]] | None = None,
+    reloads: list[Callable[[Config], None]] | None = None,
     task_status: trio.TaskStatus[HostPort] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the admin API on `[http].addr` until cancelled. Started once the socket listens, with the
     bound address (useful when the configured port is 0). With `storage` and `submit` (the daemon's
     `Submitter.submit`), `POST /v1/messages` accepts mail; `client_rate` is the per-client limit SMTP
-    shares. With `events`, `WS /v1/events` streams them."""
+    shares. With `events`, `WS /v1/events` streams them.
+
+    `shutdown` returns when the server should stop accepting, with the seconds in-flight requests still
+    get (hypercorn's graceful shutdown); then this returns. A function applying a reloaded config (API
+    keys, limits, filters) is appended to `reloads`."""
     intake = None
     idempotency = IdempotencyStore(config.server.spool_dir / IDEMPOTENCY_DIR)
     if storage is not None and submit is not None:
         intake = MessageIntake(config, storage, submit, client_rate, idempotency)
-    app = create_app(queue, ready, config.api_keys, intake=intake, events=events, metrics=metrics)
+    auth = ApiAuth(config.api_keys)
+    stopping = trio.Event()  # the event streams close once set
+    app = create_app(
+        queue, ready, intake=intake, events=events, metrics=metrics, auth=auth, stopping=stopping.wait
+    )
+    if reloads is not None:
+        reloads.append(partial(_reload, app, auth, intake))
     sock = await bind_socket(config.http.addr)
     host, port = sock.getsockname()[:2]
     bound = HostPort(host, port)
     hconfig = hypercorn_config(sock.detach())  # hypercorn owns the descriptor from here on
+
+    async def trigger() -> None:
+        assert shutdown is not None
+        hconfig.graceful_timeout = await shutdown()  # hypercorn reads it once the trigger returns
+        stopping.set()
+        log.info("http stopping", graceful_timeout=round(hconfig.graceful_timeout, 1))
+
+    async def run_server(*, task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
+        stop = trigger if shutdown is not None else None
+        await serve(app, hconfig, shutdown_trigger=stop, task_status=task_status)
+        nursery.cancel_scope.cancel()  # stopped: the idempotency sweeper goes too
+
     async with trio.open_nursery() as nursery:
         if intake is not None:  # Idempotency-Key records: swept at start and hourly
             await nursery.start(idempotency.serve)
-        await nursery.start(partial(serve, app, hconfig))
+        await nursery.start(run_server)
         log.info("listening", service="http", addr=str(bound), api_keys=len(config.api_keys))
         task_status.started(bound)
+
+
+def _reload(app: QuartTrio, auth: ApiAuth, intake: MessageIntake | None, config: Config) -> None:
+    auth.reconfigure(config.api_keys)
+    if intake is not None:
+        intake.reconfigure(config)
+        app.config["MAX_CONTENT_LENGTH"] = intake.max_body

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import structlog
 import trio
 
+from ..lifecycle import Drain
 from ..policy import parse_ip
 from ..receiver import Receiver, ReceiverContext
 from ..smtp import Reply, ServerConnection, State
@@ -20,6 +21,8 @@ from .proxy_protocol import ProxyError
 log = structlog.get_logger("hedwigpy.smtp")
 
 RECEIVE_SIZE = 65536
+CLOSE_TIMEOUT = 5.0  # seconds to drop a half-received message once the connection is gone
+LINGER = 1.0  # seconds a connection closed for shutdown waits for the client to close its side
 
 
 @dataclass
@@ -40,26 +43,47 @@ class ConnectionLimits:
         return None
 
 
+@dataclass
+class ListenerSetup:
+    """What a new connection of one listener starts with. A reload swaps both fields between two
+    connections; a connection keeps the pair it started with (Postfix: a reload affects new sessions)."""
+
+    ctx: ReceiverContext
+    ssl_context: ssl.SSLContext | None
+
+
 async def serve_smtp(
-    ctx: ReceiverContext,
+    setup: ListenerSetup,
     limits: ConnectionLimits,
-    ssl_context: ssl.SSLContext | None,
+    drain: Drain | None = None,
     *,
     task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Bind `ctx.listener.addr` and serve connections until cancelled."""
-    addr = ctx.listener.addr
+    """Bind `setup.ctx.listener.addr` and serve connections. Once `drain` starts, the listening sockets
+    close (new connections are refused by the kernel) and this returns when the open sessions are done."""
+    listener = setup.ctx.listener
+    addr = listener.addr
     listeners = await trio.open_tcp_listeners(addr.port, host=addr.host)
     for lst in listeners:
-        log.info(
-            "listening", listener=ctx.listener.name, addr=lst.socket.getsockname()[:2], tls=ctx.listener.tls
-        )
+        log.info("listening", listener=listener.name, addr=lst.socket.getsockname()[:2], tls=listener.tls)
     task_status.started(listeners)
 
     async def handler(stream: trio.SocketStream) -> None:
-        await handle_connection(stream, ctx, limits, ssl_context)
+        await handle_connection(stream, setup.ctx, limits, setup.ssl_context, drain)
 
-    await trio.serve_listeners(handler, listeners)
+    async with trio.open_nursery() as sessions:
+        with trio.CancelScope() as accepting:
+            if drain is not None:
+                sessions.start_soon(_cancel_on_drain, drain, accepting)
+            await trio.serve_listeners(handler, listeners, handler_nursery=sessions)
+        # serve_listeners closed the sockets on its way out; the sessions nursery now waits for them.
+        log.info("listener closed", listener=listener.name, sessions=len(sessions.child_tasks))
+    log.info("listener drained", listener=listener.name)
+
+
+async def _cancel_on_drain(drain: Drain, scope: trio.CancelScope) -> None:
+    await drain.wait()
+    scope.cancel()
 
 
 async def handle_connection(
@@ -67,6 +91,7 @@ async def handle_connection(
     ctx: ReceiverContext,
     limits: ConnectionLimits,
     ssl_context: ssl.SSLContext | None,
+    drain: Drain | None = None,
 ) -> None:
     """One connection, from accept to close. Errors end this connection only, and are logged."""
     peer = raw.socket.getpeername()
@@ -111,9 +136,11 @@ async def handle_connection(
                 stream = trio.SSLStream(stream, ssl_context, server_side=True)
             receiver = Receiver(ctx, parse_ip(ip_text), client_addr, tls=implicit)
             try:
-                await _Session(stream, receiver, ssl_context).run()
+                await _Session(stream, receiver, ssl_context, drain or Drain()).run()
             finally:
-                await receiver.close()
+                # Also when the drain's grace ran out: the half-received message must not stay behind.
+                with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):
+                    await receiver.close()
     except (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError, OSError) as exc:
         log.info("connection lost", client=client_addr, error=str(exc) or type(exc).__name__)
     except Exception:
@@ -139,10 +166,13 @@ class _Session:
     """The socket loop of one connection: feed bytes to the protocol, answer its events through the
     `Receiver`, write replies in batches (one write per read, which is what makes PIPELINING cheap)."""
 
-    def __init__(self, stream: trio.abc.Stream, receiver: Receiver, ssl_context: ssl.SSLContext | None):
+    def __init__(
+        self, stream: trio.abc.Stream, receiver: Receiver, ssl_context: ssl.SSLContext | None, drain: Drain
+    ):
         self.stream = stream
         self.receiver = receiver
         self.ssl_context = ssl_context
+        self.drain = drain
         self.conn = ServerConnection()
         self.limits = receiver.ctx.config.limits
         self.out = bytearray()
@@ -160,8 +190,15 @@ class _Session:
             if event is ev.NEED_DATA:
                 await self._flush()
                 data: bytes | bytearray | None = None
-                with trio.move_on_at(deadline):
-                    data = await self.stream.receive_some(RECEIVE_SIZE)
+                if receiver.in_transaction:  # a transaction may finish while draining
+                    with trio.move_on_at(deadline):
+                        data = await self.stream.receive_some(RECEIVE_SIZE)
+                else:  # between transactions a drain ends the wait (Postfix closes idle sessions)
+                    with self.drain.interruptible(), trio.move_on_at(deadline):
+                        data = await self.stream.receive_some(RECEIVE_SIZE)
+                    if self.drain.draining:
+                        self._shutting_down()
+                        break
                 if data is None:
                     self.out += conn.close_with(
                         Reply(421, "4.4.2", f"{receiver.ctx.hostname} Error: timeout exceeded")
@@ -181,6 +218,8 @@ class _Session:
                         Reply(421, "4.7.0", f"{receiver.ctx.hostname} Error: too many errors")
                     )
                     log.warning("too many errors", client=receiver.client_addr)
+            if self.drain.draining and not receiver.in_transaction and not conn.closed:
+                self._shutting_down()  # right after the reply that ended the transaction
             if conn.state is State.TLS:
                 await self._start_tls()
             if conn.state in (State.DATA, State.BDAT):
@@ -189,6 +228,13 @@ class _Session:
             else:
                 deadline = trio.current_time() + self.limits.command_timeout
         await self._flush()
+        if self.drain.draining and isinstance(self.stream, trio.SocketStream):
+            await _linger(self.stream)
+
+    def _shutting_down(self) -> None:
+        reply = Reply(421, "4.3.2", f"{self.receiver.ctx.hostname} Service shutting down")
+        self.out += self.conn.close_with(reply)
+        log.info("closed for shutdown", client=self.receiver.client_addr)
 
     async def _flush(self) -> None:
         if self.out:
@@ -205,3 +251,13 @@ class _Session:
         self.stream = tls
         self.conn.tls_established()
         self.receiver.tls_active = True
+
+
+async def _linger(stream: trio.SocketStream) -> None:
+    """Half-close and read what the client still sends, briefly, before the socket closes: closing
+    with unread input makes the kernel send a reset, which can destroy our 421 in the client's receive
+    buffer before it reads it (a pipelining client has often sent its next command already)."""
+    with trio.move_on_after(LINGER):
+        await stream.send_eof()
+        while await stream.receive_some(RECEIVE_SIZE):
+            pass

@@ -69,6 +69,14 @@ class Deliverer:
         self._mx_tls = client_context(verify=False)
         self._relay_tls = client_context(verify=True)
 
+    def reconfigure(self, config: Config, router: Router) -> None:
+        """A reloaded config: attempts starting from now on use its routes, delivery settings and rate
+        limits (the counts so far are kept). Attempts under way finish with what they started with."""
+        self._config = config
+        self._router = router
+        self._rate.limit = config.rate_limits.per_domain
+        self._rate.overrides = dict(config.rate_limits.domains)
+
     async def deliver(
         self,
         message: StoredMessage,

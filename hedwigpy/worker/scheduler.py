@@ -10,6 +10,7 @@ with their metadata, so their first attempt reads nothing back from disk.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
@@ -20,6 +21,7 @@ import trio
 
 from ..config import Config
 from ..events import EventBus
+from ..lifecycle import Drain
 from ..storage import DeliveryStatus, State, Storage, StorageError, StoredMessage
 from .runner import Delivers, attempt
 from .schedule import Schedule
@@ -61,6 +63,10 @@ class Scheduler:
 
     # -- the worker ----------------------------------------------------------------------------------
 
+    def reconfigure(self, config: Config) -> None:
+        """A reloaded config: retry backoff, lifetime and retention from now on."""
+        self._config = config
+
     def submit_fresh(self, message: StoredMessage) -> None:
         """A message just committed to `queued/` with no status: due now."""
         self.submit(message, self._clock(), has_status=False)
@@ -71,17 +77,26 @@ class Scheduler:
         self._known[message.id] = (message, has_status)
         self._add(message.id, due)
 
-    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def serve(
+        self, drain: Drain | None = None, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Run attempts as they fall due. Once `drain` starts, no new attempt starts and this returns when
+        the running ones are done (cancelled ones leave their message where it was: not done)."""
         await self._rebuild()
         task_status.started()
         slots = trio.Semaphore(self._concurrency)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._sweep_bounced)
-            while True:
-                await slots.acquire()
-                message_id = await self._next_due()
-                self._running.add(message_id)
-                nursery.start_soon(self._run, message_id, slots)
+        async with trio.open_nursery() as attempts:
+            async with trio.open_nursery() as background:
+                background.start_soon(self._sweep_bounced)
+                with drain.interruptible() if drain is not None else contextlib.nullcontext():
+                    while True:
+                        await slots.acquire()
+                        message_id = await self._next_due()  # no checkpoint from here to start_soon
+                        self._running.add(message_id)
+                        attempts.start_soon(self._run, message_id, slots)
+                background.cancel_scope.cancel()
+            log.info("scheduler draining", in_flight=len(self._running))
+        log.info("scheduler stopped")
 
     async def _rebuild(self) -> None:
         started = time.monotonic()

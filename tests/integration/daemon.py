@@ -43,7 +43,8 @@ def blackhole_port() -> int:
 
 def base_config(tmp: Path) -> dict[str, Any]:
     return {
-        "server": {"hostname": "mx.test.example", "spool_dir": str(tmp / "spool")},
+        # A short drain: test upstreams often hang on purpose, and a stop waits for attempts in flight.
+        "server": {"hostname": "mx.test.example", "spool_dir": str(tmp / "spool"), "drain_timeout": "2s"},
         "log": {"level": "info", "format": "json"},
         "listeners": [
             {
@@ -86,7 +87,7 @@ class Daemon:
 
     def spawn(self, **env: str) -> int:
         """Start the process with `env` added to ours, without waiting; the log offset of its lines."""
-        self.config_path.write_text(tomli_w.dumps(self.config))
+        self.write_config()
         environment = dict(os.environ, PYTHONUNBUFFERED="1", **env)
         offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         with self.log_path.open("ab") as log:
@@ -130,6 +131,38 @@ class Daemon:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait(10)
+
+    def signal(self, sig: signal.Signals) -> None:
+        assert self.proc is not None and self.proc.poll() is None, "the daemon is not running"
+        self.proc.send_signal(sig)
+
+    def wait_exit(self, timeout: float) -> int:
+        """The daemon's exit status; fails the test when it is still running after `timeout` seconds."""
+        assert self.proc is not None
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(
+                f"daemon still running after {timeout}s:\n{self.log_text()[-3000:]}"
+            ) from None
+
+    def write_config(self) -> None:
+        """Write `config` to the file the daemon reads (then `signal(SIGHUP)` to reload it)."""
+        self.config_path.write_text(tomli_w.dumps(self.config))
+
+    def wait_log(self, event: str, offset: int = 0, timeout: float = 10.0) -> dict[str, Any]:
+        """The first log event named `event` after byte `offset` of the log, waiting for it."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = [e for e in self.log_events(offset) if e.get("event") == event]
+            if found:
+                return found[0]
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no {event!r} in the log after {timeout}s:\n{self.log_text()[-3000:]}")
+            time.sleep(0.02)
+
+    def log_size(self) -> int:
+        return self.log_path.stat().st_size
 
     def stop(self, timeout: float = 15.0) -> int:
         assert self.proc is not None

@@ -73,9 +73,6 @@ def test_no_watchdog_without_watchdog_usec(
         d.kill()
 
 
-@pytest.mark.xfail(
-    strict=True, reason="STOPPING=1 is sent by the SIGTERM drain (branch lifecycle): drop this mark on merge"
-)
 def test_stopping_on_sigterm(tmp_path: Path, config: dict[str, Any], manager: socket.socket) -> None:
     d = Daemon(tmp_path, config)
     spawn(d, manager)

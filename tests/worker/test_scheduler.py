@@ -14,6 +14,7 @@ import trio
 import trio.testing
 
 from hedwigpy.config import Config, parse_config
+from hedwigpy.lifecycle import Drain
 from hedwigpy.smtp import Reply
 from hedwigpy.storage import (
     Attempt,
@@ -35,7 +36,9 @@ pytestmark = pytest.mark.timeout(20)
 class ScriptedDelivery:
     """Answers each recipient from its script, one reply per attempt (the last one repeats)."""
 
-    def __init__(self, scripts: dict[str, Sequence[str]]) -> None:
+    def __init__(self, scripts: dict[str, Sequence[str]], *, delay: float = 0.0) -> None:
+        self.delay = delay  # each attempt takes this long
+        self.finished: list[str] = []  # ids of the attempts that were not cancelled
         # Bounces to the sender stay queued, so tests can read them.
         self.scripts = {"sender@example.org": ["451 4.0.0 keep the bounce"]}
         self.scripts.update({rcpt: list(replies) for rcpt, replies in scripts.items()})
@@ -50,6 +53,9 @@ class ScriptedDelivery:
         deadline: float | None = None,
     ) -> list[Result]:
         self.calls.append((wall(), message.id, tuple(recipients)))
+        if self.delay:
+            await trio.sleep(self.delay)
+        self.finished.append(message.id)
         results: list[Result] = []
         for rcpt in recipients:
             script = self.scripts.get(rcpt, ["250 2.0.0 ok"])
@@ -304,3 +310,23 @@ async def test_a_recorded_failure_without_a_bounce_gets_one(autojump_clock: trio
     assert next(rcpts for _, mid, rcpts in delivery.calls if mid == message.id) == ("busy@example.net",)
     assert b"Final-Recipient: rfc822; gone@example.net" in body and b"busy@example.net" not in body
     assert storage.statuses[message.id].recipients[0].bounced
+
+
+async def test_a_drain_starts_no_attempt_and_waits_for_those_in_flight(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    storage, delivery = MemoryStorage(), ScriptedDelivery({}, delay=10)
+    drain = Drain()
+    scheduler = Scheduler(storage, delivery, config(), clock=wall, concurrency=2)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(scheduler.serve, drain)
+        messages = [await spool(storage, f"r{i}@example.net") for i in range(4)]
+        for message in messages:
+            scheduler.submit_fresh(message)
+        await until(lambda: len(delivery.calls) == 2)  # two slots: two attempts under way
+        drain.start()
+        # serve returns on its own once the two attempts are done: the nursery needs no cancelling
+    assert trio.current_time() == 10
+    started = {message_id for _, message_id, _ in delivery.calls}
+    assert len(started) == 2 and set(delivery.finished) == started
+    assert set(storage.messages) == {m.id for m in messages} - started  # delivered and filed; the rest wait

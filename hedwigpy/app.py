@@ -16,6 +16,7 @@ import trio
 
 from .api import serve_http
 from .config import Config
+from .dkim import Signer
 from .events import EventBus
 from .metrics import MetricsCollector, Sources
 from .net.smtp_listener import ConnectionLimits, serve_smtp
@@ -57,7 +58,7 @@ class Daemon:
 
     @classmethod
     def from_config(cls, config: Config) -> Daemon:
-        """Raises `RouteError` when a route's strategy does not load."""
+        """Raises `RouteError` when a route's strategy does not load, `DkimKeyError` for a bad DKIM key."""
         storage = FilesystemStorage(config.server.spool_dir, reserve_bytes=config.limits.queue_minfree)
         delivery = config.delivery
         pool = ConnectionPool(
@@ -76,7 +77,9 @@ class Daemon:
             client_rate=RateLimiter(config.rate_limits.per_client),
             pool=pool,
             scheduler=scheduler,
-            submitter=Submitter(config, storage, deliverer, scheduler, events=events),
+            submitter=Submitter(
+                config, storage, deliverer, scheduler, events=events, signer=Signer.from_config(config.dkim)
+            ),
             events=events,
         )
 

@@ -383,3 +383,43 @@ async def test_submit_signs_once_before_cut_through_and_the_spool(cut_through: b
         assert [c.content for c in h.delivery.calls] == [content]
     else:
         assert h.delivery.calls == []
+
+
+EDGE_BODIES = [
+    b"",
+    b"\r\n",
+    b"\r\n\r\n\r\n",
+    b"no line end",
+    b"a  b\t\tc \t \r\n\t lead\r\n  \r\n\r\n",
+    b"bare\nline\nends \n\n",
+    b"mixed\r\nbare\n\r\n",
+    b"cr\ronly\r\n",
+    b"one space only\r\n",
+    b"trailing tab\t\r\nx",
+]
+
+
+@pytest.mark.parametrize("body", EDGE_BODIES)
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"From: a@example.com\r\nSubject:  x\r\n\t folded \r\n\r\n",
+        b"From: a@example.com\nSubject: bare LF\n\n",
+        b"From: a@example.com\r\n\n",
+        b"\r\n",
+        b"\n",
+        b"From: a@example.com\r\nSubject: no blank line\r\n",
+    ],
+)
+def test_split_message_and_relaxed_body_are_dkimpys(head: bytes, body: bytes) -> None:
+    from dkim.canonicalization import Relaxed
+
+    from hedwigpy.dkim import relaxed_body, split_message
+
+    message = (
+        head + body if head.endswith((b"\r\n\r\n", b"\n\n", b"\r\n\n")) or head in (b"\r\n", b"\n") else head
+    )
+    headers, rest = split_message(message)
+    assert (headers, rest) == dkim.rfc822_parse(message)
+    assert relaxed_body(rest) == Relaxed.canonicalize_body(rest)
+    assert relaxed_body(body) == Relaxed.canonicalize_body(body)

@@ -30,6 +30,7 @@ from ._config_parse import _selector
 from ._units import parse_domain
 from .config import ConfigError, parse_config
 from .dkim import MIN_RSA_BITS, ascii_domain
+from .storage._dirsync import write_all
 
 DEFAULT_RSA_BITS = 2048
 MAX_RSA_BITS = 4096
@@ -114,9 +115,7 @@ def _write_atomically(path: Path, data: bytes, mode: int, *, replace: bool) -> N
     try:
         try:
             os.fchmod(fd, mode)  # whatever the umask says
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
+            write_all(fd, data)
             os.fsync(fd)
         finally:
             os.close(fd)

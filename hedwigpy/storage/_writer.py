@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 import structlog
 import trio
 
+from ._dirsync import write_all
 from ._format import encode_envelope
 from ._status import encode_status
 from .base import DeliveryStatus, Envelope, InsufficientSpace, State, StorageError, StoredMessage
@@ -148,7 +149,7 @@ class FilesystemWriter:
             header = encode_envelope(self.envelope)
             self._header_len = len(header)
             chunk = header + chunk
-        _write_all(self._fd, chunk)
+        write_all(self._fd, chunk)
         self._written += len(chunk)
 
     def _commit_sync(self, chunk: bytes) -> None:
@@ -171,7 +172,7 @@ class FilesystemWriter:
         try:  # a failure discards the new file (self._tmp); the old one goes in any case
             self._fd = _create(self._tmp)
             head = encode_envelope(self.envelope) + self._prefix
-            _write_all(self._fd, head)
+            write_all(self._fd, head)
             src = os.open(old_tmp, os.O_RDONLY | os.O_CLOEXEC)
             try:
                 _copy_range(src, self._fd, self._header_len, self._written - self._header_len)
@@ -201,12 +202,6 @@ def _create(path: Path) -> int:
     return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
-
-
 def _copy_range(src: int, dst: int, offset: int, count: int) -> None:
     """`count` bytes of `src` from `offset` to the end of `dst`: in the kernel where it can, else by reads."""
     try:
@@ -223,6 +218,6 @@ def _copy_range(src: int, dst: int, offset: int, count: int) -> None:
             chunk = os.pread(src, min(count, READ_CHUNK), offset)
             if not chunk:
                 raise OSError(errno.EIO, "spool file shorter than written") from None
-            _write_all(dst, chunk)
+            write_all(dst, chunk)
             offset += len(chunk)
             count -= len(chunk)

@@ -2,7 +2,7 @@
 
     python -m bench.relay [--repeat 3] [--messages 3000] [--sessions 20] [--size 4096]
                           [--mode store-and-forward] [--concurrency 10] [--per-connection 100]
-                          [--skip-hedwig] [--skip-postfix] [--skip-direct] [--dkim]
+                          [--skip-hedwig] [--skip-postfix] [--skip-direct] [--dkim [rsa|ed25519]]
 
 For each repeat and each target, a fresh `bench.count_sink` is started on loopback; the target (a private
 Postfix instance with `relayhost` = the sink, or the hedwigpy daemon with a relay route to it) is started in
@@ -198,6 +198,8 @@ def run_postfix(opts: Options, repeat: int) -> Row:
 
 
 def run_hedwig(opts: Options, repeat: int, *, dkim: bool = False) -> Row:
+    """hedwigpy relaying into a fresh sink; with `dkim`, signing every message with a key of type
+    `opts.dkim` (target "hedwigpy+dkim")."""
     target = "hedwigpy+dkim" if dkim else "hedwigpy"
     sink_port = pick_port(opts.sink_port)
     with (
@@ -210,6 +212,7 @@ def run_hedwig(opts: Options, repeat: int, *, dkim: bool = False) -> Row:
             delivery=opts.hedwig_delivery(),
             keep=opts.keep,
             dkim_domain="example.com" if dkim else None,  # smtp_load's From: bench@example.com
+            dkim_type=opts.dkim or "rsa",
         ) as daemon,
     ):
 
@@ -266,9 +269,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-direct", action="store_true", help="no generator-into-sink baseline")
     p.add_argument(
         "--dkim",
-        action="store_true",
-        help="also run hedwigpy signing every message with an RSA-2048 DKIM key (target hedwigpy+dkim; "
-        "default output relay[_MODE]_dkim.md)",
+        nargs="?",
+        const="rsa",
+        default="",
+        choices=("rsa", "ed25519"),
+        help="also run hedwigpy signing every message with a DKIM key, RSA-2048 (default) or Ed25519 "
+        "(target hedwigpy+dkim; default output relay[_MODE]_dkim[_ed25519].md)",
     )
     p.add_argument("--postfix-port", type=int, default=10025, help="preferred; a free one is used if taken")
     p.add_argument("--sink-port", type=int, default=10026, help="preferred; a free one is used if taken")

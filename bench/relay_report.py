@@ -44,7 +44,7 @@ class Options:
     hedwig_cmd: str
     keep: bool
     probe: int = 300  # messages of the one-session latency probe (0 = none)
-    dkim: bool = False  # also run hedwigpy signing every message with an RSA-2048 key
+    dkim: str = ""  # "rsa" or "ed25519": also run hedwigpy signing every message with such a key
 
     def hedwig_delivery(self) -> dict[str, Any]:
         return {
@@ -244,7 +244,7 @@ def medians_table(meds: Sequence[Median]) -> str:
 
 
 def dkim_table(meds: Sequence[Median]) -> str | None:
-    """What signing costs: hedwigpy with an RSA-2048 DKIM key against hedwigpy without, same run."""
+    """What signing costs: hedwigpy with a DKIM key against hedwigpy without, in the same runs."""
     by = {m.target: m for m in meds}
     on, off = by.get("hedwigpy+dkim"), by.get("hedwigpy")
     if not (on and off):
@@ -364,8 +364,10 @@ def environment(opts: Options, pf_version: str | None, measured: set[str]) -> li
         f"{opts.per_connection} messages per connection for both",
     ] + (
         [
-            "- hedwigpy+dkim: the same daemon with `[[dkim.keys]]` holding an RSA-2048 key for the "
-            "generator's From domain (example.com), so every message is signed (relaxed/relaxed, sha256)"
+            "- hedwigpy+dkim: the same daemon with `[[dkim.keys]]` holding "
+            + ("an Ed25519" if opts.dkim == "ed25519" else "an RSA-2048")
+            + " key for the generator's From domain (example.com), so every message is signed "
+            "(relaxed/relaxed, sha256)"
         ]
         if opts.dkim
         else []
@@ -418,7 +420,7 @@ def render(opts: Options, rows: Sequence[Row], pf_version: str | None) -> str:
     return "\n".join(parts)
 
 
-def default_out(mode: str, size: int, dkim: bool = False) -> Path:
+def default_out(mode: str, size: int, dkim: str = "") -> Path:
     name = "relay" if mode == "store-and-forward" else f"relay_{mode.replace('-', '_')}"
-    name += "_dkim" if dkim else ""
+    name += {"": "", "rsa": "_dkim"}.get(dkim, f"_dkim_{dkim}")
     return RESULTS / (f"{name}.md" if size == 4096 else f"{name}_{size}B.md")

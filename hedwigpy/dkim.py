@@ -66,7 +66,6 @@ MAX_HEADER_SECTION = 1024 * 1024  # as inbound.py: the From field is looked for 
 _CANON = CanonicalizationPolicy.from_c_value(b"relaxed/relaxed")
 _HEADER_END = re.compile(rb"\r?\n\r?\n")
 _LINE_END = re.compile(rb"\r?\n")
-_TRAILING_WSP = re.compile(rb"[\t ]+\r\n")
 _WSP_TO_REWRITE = re.compile(rb"[\t ]{2,}|\t")  # a lone space is relaxed already
 _FROM_FIELD = re.compile(rb"^from[ \t]*:([^\n]*(?:\n[ \t][^\n]*)*)", re.IGNORECASE | re.MULTILINE)
 
@@ -195,7 +194,10 @@ def split_message(message: bytes) -> tuple[list[list[bytes]], bytes]:
 def relaxed_body(body: bytes) -> bytes:
     """dkimpy's relaxed body canonicalization (RFC 6376 3.4.4), skipping the passes with nothing to do."""
     if b" \r\n" in body or b"\t\r\n" in body:
-        body = _TRAILING_WSP.sub(b"\r\n", body)
+        # WSP before each CRLF goes (dkimpy's `[\t ]+\r\n` → CRLF); per line, several times faster than
+        # the regex, which tries a match at every space. An unterminated last line keeps its WSP.
+        lines = body.split(b"\r\n")
+        body = b"\r\n".join([*(line.rstrip(b" \t") for line in lines[:-1]), lines[-1]])
     if b"  " in body or b"\t" in body:
         body = _WSP_TO_REWRITE.sub(b" ", body)
     result: bytes = correct_empty_body(strip_trailing_lines(body))
@@ -207,6 +209,8 @@ class Signer:
 
     def __init__(self, keys: Sequence[SigningKey]) -> None:
         self.keys = tuple(keys)
+        # As many signing threads as CPUs: more would only contend for the GIL with the event loop.
+        self._threads = trio.CapacityLimiter(os.cpu_count() or 1)
         self._by_domain: dict[str, tuple[SigningKey, ...]] = {}
         for key in self.keys:
             d = ascii_domain(key.domain)
@@ -264,7 +268,7 @@ class Signer:
             if not keys:
                 return 0
         try:
-            fields = await trio.to_thread.run_sync(self.sign, bytes(data), keys)
+            fields = await trio.to_thread.run_sync(self.sign, bytes(data), keys, limiter=self._threads)
         except dkim.DKIMException as exc:
             log.warning("not signed", id=writer.message_id, reason=f"dkimpy: {exc}")
             return 0

@@ -423,3 +423,22 @@ def test_split_message_and_relaxed_body_are_dkimpys(head: bytes, body: bytes) ->
     assert (headers, rest) == dkim.rfc822_parse(message)
     assert relaxed_body(rest) == Relaxed.canonicalize_body(rest)
     assert relaxed_body(body) == Relaxed.canonicalize_body(body)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"a \r\n\tb\t\r\nc",
+        b"a \r\nlast line keeps its space ",
+        b" \r\n \r\n",
+        b"cr \r \r\n",
+        b"x\r\n\r\n \t \r\n",
+        b"  lead  and  inner \t\r\n",
+    ],
+)
+def test_relaxed_body_trailing_whitespace(body: bytes) -> None:
+    from dkim.canonicalization import Relaxed
+
+    from hedwigpy.dkim import relaxed_body
+
+    assert relaxed_body(body) == Relaxed.canonicalize_body(body)

@@ -18,13 +18,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import dkim
 import dns.resolver
 import httpx
 import pytest
 import tomli_w
 
 from tests.dns_server import DnsServer
+from tests.test_dkim import verify_all
 
 from .daemon import Daemon, read_message
 from .outbound import MX1, configure, publish, queued_id, settle, start
@@ -71,18 +71,6 @@ def dns_lookup(server: DnsServer) -> Callable[..., bytes | None]:
     return lookup
 
 
-def verdicts(message: bytes, lookup: Callable[..., bytes | None]) -> list[bool]:
-    """dkimpy's verdict on each DKIM-Signature of `message`, top first."""
-    count = sum(1 for name, _ in dkim.DKIM(message).headers if name.lower() == b"dkim-signature")
-    results = []
-    for i in range(count):
-        try:
-            results.append(bool(dkim.DKIM(message).verify(idx=i, dnsfunc=lookup)))
-        except dkim.DKIMException:
-            results.append(False)
-    return results
-
-
 def message(subject: str, *, sender: str = SENDER, extra: str = "", body: str = "") -> bytes:
     return (
         f"From: App <{sender}>\r\nTo: Ann <ann@example.net>\r\nSubject: {subject}\r\n"
@@ -109,20 +97,30 @@ def received(mx: Upstream, subject: str) -> Transaction:
     return transaction
 
 
-def start_daemon(
+Launch = Callable[..., Daemon]
+
+
+@pytest.fixture
+def launch(
     tmp_path: Path,
     config: dict[str, Any],
-    factory: type[Daemon],
+    daemon_factory: type[Daemon],
     dns: DnsServer,
     upstreams: UpstreamPool,
-    keys: list[dict[str, str]],
-    **delivery: Any,
-) -> Daemon:
-    upstreams.start()
-    configure(config, dns, upstreams, **delivery)
-    config["dkim"] = {"keys": keys}
-    config["queue"] = {"retry_initial": "1s", "retry_jitter": 0.0}
-    return start(factory, tmp_path, config)
+    mx: Upstream,
+) -> Launch:
+    """`launch(["rsa", "ed25519"], cut_through=True)`: keys of those kinds made with the CLI and
+    published, then the daemon started with them, delivering to `mx`."""
+
+    def start_with(kinds: Sequence[str], **delivery: Any) -> Daemon:
+        keys = [generate(tmp_path, dns, kind) for kind in kinds]
+        upstreams.start()
+        configure(config, dns, upstreams, **delivery)
+        config["dkim"] = {"keys": keys}
+        config["queue"] = {"retry_initial": "1s", "retry_jitter": 0.0}
+        return start(daemon_factory, tmp_path, config)
+
+    return start_with
 
 
 @pytest.fixture
@@ -133,22 +131,15 @@ def mx(dns: DnsServer, upstreams: UpstreamPool) -> Upstream:
 
 @pytest.mark.parametrize("kinds", [["rsa"], ["ed25519"], ["rsa", "ed25519"]], ids=["rsa", "ed25519", "both"])
 def test_signed_over_smtp_and_verified(
-    tmp_path: Path,
-    config: dict[str, Any],
-    daemon_factory: type[Daemon],
-    dns: DnsServer,
-    upstreams: UpstreamPool,
-    mx: Upstream,
-    kinds: list[str],
+    launch: Launch, dns: DnsServer, mx: Upstream, kinds: list[str]
 ) -> None:
-    keys = [generate(tmp_path, dns, kind) for kind in kinds]
-    d = start_daemon(tmp_path, config, daemon_factory, dns, upstreams, keys, cut_through=True)
+    d = launch(kinds, cut_through=True)
     smtp_send(d, message("plain"), ["ann@example.net"])
     content = received(mx, "plain").content
     lookup = dns_lookup(dns)
     assert content.count(b"DKIM-Signature:") == len(kinds)
     assert b"hidden@example.net" not in content  # Bcc was gone before signing
-    assert verdicts(content, lookup) == [True] * len(kinds)
+    assert verify_all(content, lookup) == [True] * len(kinds)
     # A copy of a signed field added after signing, where a reader would see it first: every
     # signature fails (they are oversigned).
     for added in (
@@ -156,19 +147,11 @@ def test_signed_over_smtp_and_verified(
         b"From: ceo@example.com\r\n",
         b"Cc: x@example.org\r\n",
     ):
-        assert verdicts(added + content, lookup) == [False] * len(kinds)
+        assert verify_all(added + content, lookup) == [False] * len(kinds)
 
 
-def test_non_ascii_subject_and_8bit_body(
-    tmp_path: Path,
-    config: dict[str, Any],
-    daemon_factory: type[Daemon],
-    dns: DnsServer,
-    upstreams: UpstreamPool,
-    mx: Upstream,
-) -> None:
-    keys = [generate(tmp_path, dns, "rsa"), generate(tmp_path, dns, "ed25519")]
-    d = start_daemon(tmp_path, config, daemon_factory, dns, upstreams, keys, cut_through=True)
+def test_non_ascii_subject_and_8bit_body(launch: Launch, dns: DnsServer, mx: Upstream) -> None:
+    d = launch(["rsa", "ed25519"], cut_through=True)
     extra = (
         "MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n"
     )
@@ -181,19 +164,13 @@ def test_non_ascii_subject_and_8bit_body(
     for subject in ("raw ünïcödé", "encoded?="):
         content = received(mx, subject).content
         assert "Köln".encode() in content
-        assert verdicts(content, lookup) == [True, True]
+        assert verify_all(content, lookup) == [True, True]
 
 
 def test_rest_structured_and_raw_are_signed(
-    tmp_path: Path,
-    config: dict[str, Any],
-    daemon_factory: type[Daemon],
-    dns: DnsServer,
-    upstreams: UpstreamPool,
-    mx: Upstream,
+    launch: Launch, config: dict[str, Any], dns: DnsServer, mx: Upstream
 ) -> None:
-    keys = [generate(tmp_path, dns, "ed25519")]
-    d = start_daemon(tmp_path, config, daemon_factory, dns, upstreams, keys, cut_through=True)
+    d = launch(["ed25519"], cut_through=True)
     raw = message("rest raw", body="8-bit: Grüße")
     with httpx.Client(base_url=f"http://{config['http']['addr']}", timeout=30, trust_env=False) as client:
         structured = {
@@ -216,22 +193,16 @@ def test_rest_structured_and_raw_are_signed(
     for t in mx.transactions:
         assert t.content.count(b"DKIM-Signature:") == 1
         assert b"hidden@example.net" not in t.content
-        assert verdicts(t.content, lookup) == [True]
+        assert verify_all(t.content, lookup) == [True]
     assert d.proc is not None and d.proc.poll() is None
 
 
 def test_cut_through_and_queued_retry_are_each_signed_once(
-    tmp_path: Path,
-    config: dict[str, Any],
-    daemon_factory: type[Daemon],
-    dns: DnsServer,
-    upstreams: UpstreamPool,
-    mx: Upstream,
+    launch: Launch, dns: DnsServer, mx: Upstream
 ) -> None:
     """One message goes out at once; one is refused with 451 first, spooled (signed), and retried from
     the spool: both arrive with exactly one signature per key, and the spool held the signed bytes."""
-    keys = [generate(tmp_path, dns, "rsa"), generate(tmp_path, dns, "ed25519")]
-    d = start_daemon(tmp_path, config, daemon_factory, dns, upstreams, keys, cut_through=True)
+    d = launch(["rsa", "ed25519"], cut_through=True)
     reply = smtp_send(d, message("at once"), ["ann@example.net"])
     assert "queued as" not in reply  # the upstream's own reply: cut-through
     reply = smtp_send(d, message("later"), ["busy@example.net"])
@@ -245,7 +216,7 @@ def test_cut_through_and_queued_retry_are_each_signed_once(
     assert late == stored  # the retry sent the stored, signed bytes: nothing signed twice
     for content in (received(mx, "at once").content, late):
         assert content.count(b"a=rsa-sha256") == 1 and content.count(b"a=ed25519-sha256") == 1
-        assert verdicts(content, lookup) == [True, True]
+        assert verify_all(content, lookup) == [True, True]
     assert mx.rcpt_count("busy@example.net") == 2
 
 
@@ -270,7 +241,7 @@ def test_store_and_forward_and_parent_domain_and_other_domains(
     smtp_send(d, message("someone else's", sender="x@example.org"), ["ann@example.net"])
     signed = received(mx, "from a subdomain").content
     assert b"d=example.com;" in signed
-    assert verdicts(signed, dns_lookup(dns)) == [True]
+    assert verify_all(signed, dns_lookup(dns)) == [True]
     assert b"DKIM-Signature" not in received(mx, "someone else's").content
 
 

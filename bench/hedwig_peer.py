@@ -75,6 +75,28 @@ def bench_config(
     }
 
 
+def dkim_key(base: Path, domain: str, kind: str = "rsa") -> dict[str, str]:
+    """A fresh key for `domain` in `base` (mode 0600; "rsa": RSA-2048, or "ed25519"), as a
+    `[[dkim.keys]]` entry: every bench message (From: bench@example.com) is then signed."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+
+    key = (
+        ed25519.Ed25519PrivateKey.generate()
+        if kind == "ed25519"
+        else rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    )
+    path = base / f"dkim-{domain}.pem"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
+    return {"domain": domain, "selector": "bench", "private_key": str(path)}
+
+
 def _smtp_banner(port: int, timeout: float = 2.0) -> bytes:
     """Connect, read the banner, say QUIT: proves the listener is up without leaving a broken session."""
     with socket.create_connection((LOOPBACK, port), timeout=timeout) as s:
@@ -100,6 +122,8 @@ class HedwigDaemon:
         max_connections_per_ip: int = 50,
         delivery: Mapping[str, Any] | None = None,
         keep: bool = False,
+        dkim_domain: str | None = None,
+        dkim_type: str = "rsa",
     ) -> None:
         self.base = Path(tempfile.mkdtemp(prefix="hedwig-bench-daemon-"))
         self.keep = keep
@@ -119,6 +143,8 @@ class HedwigDaemon:
             max_connections_per_ip=max_connections_per_ip,
             delivery=delivery,
         )
+        if dkim_domain is not None:
+            self.config["dkim"] = {"keys": [dkim_key(self.base, dkim_domain, dkim_type)]}
         self.argv = [a.format(config=str(self.config_path)) for a in shlex.split(cmd_template)]
         self.proc: subprocess.Popen[bytes] | None = None
         self.peak_hwm_kb = 0

@@ -2,7 +2,7 @@
 
     python -m bench.relay [--repeat 3] [--messages 3000] [--sessions 20] [--size 4096]
                           [--mode store-and-forward] [--concurrency 10] [--per-connection 100]
-                          [--skip-hedwig] [--skip-postfix] [--skip-direct]
+                          [--skip-hedwig] [--skip-postfix] [--skip-direct] [--dkim [rsa|ed25519]]
 
 For each repeat and each target, a fresh `bench.count_sink` is started on loopback; the target (a private
 Postfix instance with `relayhost` = the sink, or the hedwigpy daemon with a relay route to it) is started in
@@ -173,6 +173,10 @@ def run_direct(opts: Options, repeat: int) -> Row:
         return _measure(opts, repeat, "direct", sink.port, sink, lambda: None, lambda: None)
 
 
+def run_hedwig_dkim(opts: Options, repeat: int) -> Row:
+    return run_hedwig(opts, repeat, dkim=True)
+
+
 def run_postfix(opts: Options, repeat: int) -> Row:
     sink_port = pick_port(opts.sink_port)
     cfg = PostfixConfig(
@@ -193,7 +197,10 @@ def run_postfix(opts: Options, repeat: int) -> Row:
             shutil.rmtree(base, ignore_errors=True)
 
 
-def run_hedwig(opts: Options, repeat: int) -> Row:
+def run_hedwig(opts: Options, repeat: int, *, dkim: bool = False) -> Row:
+    """hedwigpy relaying into a fresh sink; with `dkim`, signing every message with a key of type
+    `opts.dkim` (target "hedwigpy+dkim")."""
+    target = "hedwigpy+dkim" if dkim else "hedwigpy"
     sink_port = pick_port(opts.sink_port)
     with (
         CountingSink(sink_port) as sink,
@@ -204,6 +211,8 @@ def run_hedwig(opts: Options, repeat: int) -> Row:
             max_connections_per_ip=2 * opts.sessions,
             delivery=opts.hedwig_delivery(),
             keep=opts.keep,
+            dkim_domain="example.com" if dkim else None,  # smtp_load's From: bench@example.com
+            dkim_type=opts.dkim or "rsa",
         ) as daemon,
     ):
 
@@ -211,10 +220,10 @@ def run_hedwig(opts: Options, repeat: int) -> Row:
             queued = daemon.queued()
             return None if queued is None else queued + daemon.deferred()
 
-        row = _measure(opts, repeat, "hedwigpy", daemon.smtp_port, sink, lambda: daemon.pid, backlog)
+        row = _measure(opts, repeat, target, daemon.smtp_port, sink, lambda: daemon.pid, backlog)
         code = daemon.stop()
         if code not in (0, None):
-            _log(f"  hedwigpy exit {code}; log tail:\n{daemon.log_tail(1500)}")
+            _log(f"  {target} exit {code}; log tail:\n{daemon.log_tail(1500)}")
     hwm = daemon.peak_hwm_kb / MIB
     extra = f"VmHWM {hwm:.1f} MiB; exit {code}"
     return replace(row, note="; ".join(x for x in (row.note, extra) if x))
@@ -258,6 +267,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-hedwig", action="store_true")
     p.add_argument("--skip-postfix", action="store_true")
     p.add_argument("--skip-direct", action="store_true", help="no generator-into-sink baseline")
+    p.add_argument(
+        "--dkim",
+        nargs="?",
+        const="rsa",
+        default="",
+        choices=("rsa", "ed25519"),
+        help="also run hedwigpy signing every message with a DKIM key, RSA-2048 (default) or Ed25519 "
+        "(target hedwigpy+dkim; default output relay[_MODE]_dkim[_ed25519].md)",
+    )
     p.add_argument("--postfix-port", type=int, default=10025, help="preferred; a free one is used if taken")
     p.add_argument("--sink-port", type=int, default=10026, help="preferred; a free one is used if taken")
     p.add_argument("--postfix-in-flow-delay", default="1s", help="Postfix's inbound throttle (default 1s)")
@@ -297,6 +315,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         hedwig_cmd=args.hedwig_cmd,
         keep=args.keep,
         probe=args.probe,
+        dkim=args.dkim,
     )
     return run_interruptibly(lambda: _main(opts, args))
 
@@ -312,6 +331,8 @@ def _main(opts: Options, args: argparse.Namespace) -> int:
         runners.append(("postfix", run_postfix))
     if not args.skip_hedwig:
         runners.append(("hedwigpy", run_hedwig))
+    if args.dkim:
+        runners.append(("hedwigpy+dkim", run_hedwig_dkim))
     rows: list[Row] = []
     errors: list[str] = []
     for repeat in range(1, opts.repeat + 1):
@@ -332,7 +353,7 @@ def _main(opts: Options, args: argparse.Namespace) -> int:
         report += "\nErrors:\n\n" + "\n".join(f"- {e.splitlines()[0]}" for e in errors) + "\n"
     print()
     print(report)
-    out: Path = args.out or default_out(opts.mode, opts.size)
+    out: Path = args.out or default_out(opts.mode, opts.size, opts.dkim)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(report)
     print(f"written to {out}")

@@ -14,7 +14,7 @@ from typing import Any
 
 from .report import RESULTS, hedwig_version, machine_line, markdown_table, median, num, ratio
 
-TARGETS = ("direct", "postfix", "hedwigpy")
+TARGETS = ("direct", "postfix", "hedwigpy", "hedwigpy+dkim")  # +dkim: signing every message (--dkim)
 # hedwigpy's [delivery] settings per mode; Postfix relays store-and-forward in every mode.
 MODES: dict[str, dict[str, Any]] = {
     "store-and-forward": {"cut_through": False},
@@ -44,6 +44,7 @@ class Options:
     hedwig_cmd: str
     keep: bool
     probe: int = 300  # messages of the one-session latency probe (0 = none)
+    dkim: str = ""  # "rsa" or "ed25519": also run hedwigpy signing every message with such a key
 
     def hedwig_delivery(self) -> dict[str, Any]:
         return {
@@ -242,6 +243,27 @@ def medians_table(meds: Sequence[Median]) -> str:
     )
 
 
+def dkim_table(meds: Sequence[Median]) -> str | None:
+    """What signing costs: hedwigpy with a DKIM key against hedwigpy without, in the same runs."""
+    by = {m.target: m for m in meds}
+    on, off = by.get("hedwigpy+dkim"), by.get("hedwigpy")
+    if not (on and off):
+        return None
+    return markdown_table(
+        ("accept msg/s", "e2e msg/s", "p50", "p99", "CPU ms/msg", "CPU ms/msg added"),
+        [
+            (
+                ratio(on.accept_msgs_per_s, off.accept_msgs_per_s),
+                ratio(on.e2e_msgs_per_s, off.e2e_msgs_per_s),
+                ratio(on.p50_ms, off.p50_ms),
+                ratio(on.p99_ms, off.p99_ms),
+                ratio(on.cpu_ms_per_msg, off.cpu_ms_per_msg),
+                num(on.cpu_ms_per_msg - off.cpu_ms_per_msg, 2),
+            )
+        ],
+    )
+
+
 def ratios_table(meds: Sequence[Median]) -> str | None:
     by = {m.target: m for m in meds}
     h, p = by.get("hedwigpy"), by.get("postfix")
@@ -340,7 +362,16 @@ def environment(opts: Options, pf_version: str | None, measured: set[str]) -> li
         f"`[delivery] {delivery}` (other keys at their defaults)",
         f"- comparable settings: at most {opts.concurrency} connections to the sink and "
         f"{opts.per_connection} messages per connection for both",
-    ]
+    ] + (
+        [
+            "- hedwigpy+dkim: the same daemon with `[[dkim.keys]]` holding "
+            + ("an Ed25519" if opts.dkim == "ed25519" else "an RSA-2048")
+            + " key for the generator's From domain (example.com), so every message is signed "
+            "(relaxed/relaxed, sha256)"
+        ]
+        if opts.dkim
+        else []
+    )
 
 
 def _toml(value: object) -> str:
@@ -380,12 +411,16 @@ def render(opts: Options, rows: Sequence[Row], pf_version: str | None) -> str:
     ratios = ratios_table(meds)
     if ratios:
         parts += ["", "## hedwigpy / Postfix (medians)", "", ratios]
+    signing = dkim_table(meds)
+    if signing:
+        parts += ["", "## DKIM signing on / off (hedwigpy+dkim / hedwigpy, medians)", "", signing]
     if opts.probe:
         parts += ["", "## The sender's wait (medians)", "", waits_table(rows), "", WAITS_NOTE]
     parts += ["", "## Runs", "", runs_table(rows), "", NOTES, ""]
     return "\n".join(parts)
 
 
-def default_out(mode: str, size: int) -> Path:
+def default_out(mode: str, size: int, dkim: str = "") -> Path:
     name = "relay" if mode == "store-and-forward" else f"relay_{mode.replace('-', '_')}"
+    name += {"": "", "rsa": "_dkim"}.get(dkim, f"_dkim_{dkim}")
     return RESULTS / (f"{name}.md" if size == 4096 else f"{name}_{size}B.md")

@@ -23,6 +23,7 @@ import trio
 from .api import serve_http
 from .config import Config, ConfigError, ListenerConfig, load_config
 from .config_check import check_files
+from .dkim import DkimKeyError, Signer
 from .events import EventBus
 from .lifecycle import Drain
 from .metrics import MetricsCollector, Sources
@@ -73,7 +74,7 @@ class Daemon:
 
     @classmethod
     def from_config(cls, config: Config) -> Daemon:
-        """Raises `RouteError` when a route's strategy does not load."""
+        """Raises `RouteError` when a route's strategy does not load, `DkimKeyError` for a bad DKIM key."""
         storage = FilesystemStorage(config.server.spool_dir, reserve_bytes=config.limits.queue_minfree)
         delivery = config.delivery
         pool = ConnectionPool(
@@ -94,7 +95,15 @@ class Daemon:
             pool=pool,
             deliverer=deliverer,
             scheduler=scheduler,
-            submitter=Submitter(config, storage, deliverer, scheduler, events=events, drain=drain),
+            submitter=Submitter(
+                config,
+                storage,
+                deliverer,
+                scheduler,
+                events=events,
+                drain=drain,
+                signer=Signer.from_config(config.dkim),
+            ),
             events=events,
             drain=drain,
         )
@@ -209,19 +218,22 @@ class Daemon:
             try:  # build everything that can still fail before anything is swapped
                 router = Router(new.routes)
                 contexts = {lst.name: _ssl_context(lst) for lst in new.listeners}
-                # DKIM HOOK (rebuild the signer): build it from `new.dkim` here, so that a key that does
-                # not load refuses the reload like any other error; `_apply` swaps it in with the rest.
+                signer = Signer.from_config(new.dkim)  # a key that no longer loads refuses the reload
+            except DkimKeyError as exc:
+                problems.extend(exc.problems)
             except (RouteError, ssl.SSLError, OSError, ValueError) as exc:
                 problems.append(str(exc))
         if problems:
             log.error("reload refused; keeping the running config", config=str(path), errors=problems)
             return
-        self._apply(new, router, contexts)
+        self._apply(new, router, contexts, signer)
         log.info("reloaded", config=str(path), routes=len(new.routes), users=len(new.users))
         if restart:
             log.warning("reload: these keys need a restart and keep their old values", keys=restart)
 
-    def _apply(self, new: Config, router: Router, contexts: dict[str, ssl.SSLContext | None]) -> None:
+    def _apply(
+        self, new: Config, router: Router, contexts: dict[str, ssl.SSLContext | None], signer: Signer
+    ) -> None:
         """Swap in a validated config. No await: nothing sees half of the old and half of the new."""
         self.config = new
         users = _users(new)
@@ -237,7 +249,7 @@ class Daemon:
         self.deliverer.reconfigure(new, router)
         self.scheduler.reconfigure(new)
         self.submitter.reconfigure(new)
-        # DKIM HOOK (swap the signer): install the signer `reload` built from `new.dkim` here.
+        self.submitter.signer = signer
         for apply in self._reloads:
             apply(new)
 

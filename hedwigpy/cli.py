@@ -11,6 +11,7 @@ from collections.abc import Sequence
 import trio
 
 from . import __version__
+from .cli_dkim import add_dkim_commands
 from .cli_events import add_events_command
 from .cli_queue import add_queue_commands, add_send_command
 
@@ -94,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_queue_commands(sub)
     add_send_command(sub)
     add_events_command(sub)
+    add_dkim_commands(sub)
     return parser
 
 

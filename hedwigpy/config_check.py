@@ -1,5 +1,6 @@
 """Checks `config check` makes beyond the schema: files that must exist and be readable, hashes that
-must parse, route strategies that must import. `serve` fails on the same problems when it starts."""
+must parse, route strategies that must import, DKIM keys that must load. `serve` fails on the same
+problems when it starts."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import ssl
 
 from .auth import is_valid_hash
 from .config import Config
+from .dkim import check_keys
 from .worker.routes import RouteError, load_strategy
 
 
@@ -32,4 +34,5 @@ def check_files(config: Config) -> list[str]:
                 load_strategy(route.strategy, where=f"routes[{i}].strategy")
             except RouteError as exc:
                 problems.append(str(exc))
+    problems.extend(check_keys(config.dkim))
     return problems

@@ -13,6 +13,9 @@ at once, through the same `Deliverer` the queue worker uses, within `cut_through
 "Verbatim" keeps the upstream's code and enhanced code and prefixes its text with the host it came from.
 Kept messages are committed together with a status recording what was already delivered or refused, so
 the queue never resends the former and bounces the latter; no fsync happens for mail the upstream took.
+
+DKIM signing (`Signer`, when the From domain has keys) happens first, once: cut-through sends the signed
+bytes, and the spool keeps them for every later attempt.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import structlog
 import trio
 
 from .config import Config, ListenerRole
+from .dkim import Signer
 from .events import EventBus
 from .lifecycle import Drain
 from .smtp import Reply
@@ -80,7 +84,9 @@ class Submitter:
         rng: random.Random | None = None,
         events: EventBus | None = None,
         drain: Drain | None = None,
+        signer: Signer | None = None,
     ) -> None:
+        self.signer = signer  # public: a configuration reload replaces it
         self._events = events
         self._drain = drain
         self._config = config
@@ -106,6 +112,8 @@ class Submitter:
                 listener=envelope.listener,
                 size=size,
             )
+        if self.signer is not None:
+            size += await self.signer.sign_writer(writer)
         delivery = self._config.delivery
         if not delivery.cut_through or (self._drain is not None and self._drain.draining):
             # Draining: the spool is the quickest durable answer; the upstream can wait for the restart.

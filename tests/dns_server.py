@@ -189,6 +189,12 @@ class DnsServer:
         rdata = dns.rdtypes.ANY.TXT.TXT(dns.rdataclass.IN, dns.rdatatype.TXT, chunks)
         self._add(name, dns.rdatatype.TXT, [rdata], ttl)
 
+    def add_record(self, name: str, rdtype: str, rdata: str, ttl: int = 300) -> None:
+        """A record given as in a zone file (`add_record(n, "TXT", '"part one" "part two"')`), parsed by
+        dnspython's zone-file reader."""
+        code = _rdtype(rdtype)
+        self._add(name, code, [_rd(code, rdata)], ttl)
+
     def add_cname(self, name: str, target: str, ttl: int = 300) -> None:
         """`name` is an alias of `target`; the server follows the chain inside its zone."""
         with self._lock:

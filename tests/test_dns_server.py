@@ -97,6 +97,12 @@ def test_record_types(dns_server: DnsServer) -> None:
     assert (mx.preference, mx.exchange.to_text()) == (0, ".")
 
 
+def test_record_in_zone_file_syntax(dns_server: DnsServer) -> None:
+    dns_server.add_record("s._domainkey.h.test", "TXT", '"v=DKIM1; k=rsa; " "p=AAAA"')
+    (txt,) = tcp(dns_server, "s._domainkey.h.test", "TXT").answer[0]
+    assert txt.strings == (b"v=DKIM1; k=rsa; ", b"p=AAAA")
+
+
 def test_idna_names(dns_server: DnsServer) -> None:
     dns_server.add_a("bücher.test", "192.0.2.1")
     assert udp(dns_server, "xn--bcher-kva.test", "A").answer

@@ -4,6 +4,11 @@ Content is buffered in memory up to BUFFER_LIMIT, then streamed to the file in w
 envelope line is written only when the file is created, so mail cut-through delivers from memory never
 touches the disk. `commit` fsyncs the file (and a status first, when given), renames it into `queued/`
 and has the directory fsynced before returning.
+
+`prepend` (DKIM signatures go at the very top) inserts into the buffer while nothing is on disk: the
+common case, free. A message already streaming to `tmp/` (over BUFFER_LIMIT) keeps the prefix aside and
+is copied once, at commit, into a fresh file (envelope line, prefix, old content; `copy_file_range`, in
+a worker thread) — the spool's files are written once and never modified in place.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import structlog
 import trio
 
 from .._offload import run_sync
+from ._dirsync import write_all
 from ._format import encode_envelope
 from ._status import encode_status
 from .base import DeliveryStatus, Envelope, InsufficientSpace, State, StorageError, StoredMessage
@@ -58,6 +64,7 @@ class FilesystemWriter:
         # that is never kept never needs it)
         self._written = 0  # bytes already in the file, envelope line included
         self._fd: int | None = None
+        self._prefix = b""  # prepended after the file was started: goes before its content at commit
         self._done = False
         self._tmp = storage.root / "tmp" / f"{message_id}.msg"
         self._flushing = trio.Lock()
@@ -71,12 +78,22 @@ class FilesystemWriter:
             self._buffer.clear()
             await self._run(self._write_sync, chunk)
 
+    async def prepend(self, data: bytes) -> None:
+        if self._done:
+            raise StorageError("writer already finished")
+        if self._fd is None and not self._written:
+            self._buffer[0:0] = data
+        else:
+            self._prefix = data + self._prefix
+
     async def content(self) -> AsyncGenerator[bytes, None]:
         if self._done:
             raise StorageError("writer already finished")
         if self._fd is None:  # everything is still in memory
             yield bytes(self._buffer)
             return
+        if self._prefix:
+            yield self._prefix
         async with self._flushing:  # concurrent readers (one per delivery group) wait for one flush
             if self._buffer:  # the file must hold everything before it is read back
                 chunk = bytes(self._buffer)
@@ -134,14 +151,11 @@ class FilesystemWriter:
     def _write_sync(self, chunk: bytes) -> None:
         if self._fd is None:
             header = encode_envelope(self.envelope)  # may refuse the envelope: before any file exists
-            self._fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            self._fd = _create(self._tmp)
             self._header_len = len(header)
             chunk = header + chunk
-        view = memoryview(chunk)
-        while view:
-            n = os.write(self._fd, view)
-            view = view[n:]
-            self._written += n
+        write_all(self._fd, chunk)
+        self._written += len(chunk)
 
     def _open_content_sync(self) -> BinaryIO:
         f = self._tmp.open("rb")
@@ -150,11 +164,34 @@ class FilesystemWriter:
 
     def _commit_sync(self, chunk: bytes) -> None:
         self._write_sync(chunk)
+        if self._prefix:
+            self._rewrite_with_prefix_sync()
         assert self._fd is not None
         os.fsync(self._fd)
         os.close(self._fd)
         self._fd = None
         os.rename(self._tmp, self._storage.root / "queued" / f"{self.message_id}.msg")
+
+    def _rewrite_with_prefix_sync(self) -> None:
+        """Envelope line + prefix + the old file's content into a new file in tmp/, which replaces it."""
+        old_fd, old_tmp = self._fd, self._tmp
+        assert old_fd is not None
+        os.close(old_fd)
+        self._fd = None
+        self._tmp = old_tmp.with_name(f"{self.message_id}.prefixed.msg")  # also swept from tmp/ at start
+        try:  # a failure discards the new file (self._tmp); the old one goes in any case
+            self._fd = _create(self._tmp)
+            head = encode_envelope(self.envelope) + self._prefix
+            write_all(self._fd, head)
+            src = os.open(old_tmp, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                _copy_range(src, self._fd, self._header_len, self._written - self._header_len)
+            finally:
+                os.close(src)
+        finally:
+            os.unlink(old_tmp)
+        self._written += len(self._prefix)
+        self._prefix = b""
 
     def _discard_sync(self) -> None:
         if self._fd is not None:
@@ -169,3 +206,28 @@ class FilesystemWriter:
             pass
         except OSError as exc:
             log.warning("could not remove a temporary file", path=str(self._tmp), error=str(exc))
+
+
+def _create(path: Path) -> int:
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+
+
+def _copy_range(src: int, dst: int, offset: int, count: int) -> None:
+    """`count` bytes of `src` from `offset` to the end of `dst`: in the kernel where it can, else by reads."""
+    try:
+        while count > 0:
+            n = os.copy_file_range(src, dst, count, offset)
+            if n == 0:
+                raise OSError(errno.EIO, "spool file shorter than written")
+            offset += n
+            count -= n
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSYS, errno.EXDEV, errno.EINVAL, errno.EOPNOTSUPP):
+            raise
+        while count > 0:  # copy_file_range is not available here: plain reads and writes
+            chunk = os.pread(src, min(count, READ_CHUNK), offset)
+            if not chunk:
+                raise OSError(errno.EIO, "spool file shorter than written") from None
+            write_all(dst, chunk)
+            offset += len(chunk)
+            count -= len(chunk)

@@ -128,6 +128,11 @@ class MessageWriter(Protocol):
     async def write(self, data: bytes) -> None:
         """Append content bytes; may buffer, may hit the disk. Raises StorageError."""
 
+    async def prepend(self, data: bytes) -> None:
+        """Put `data` before everything written so far (DKIM signing adds header fields at the very top
+        of a complete message). Cheap while the content is still in memory; otherwise the data file is
+        rewritten at commit. Raises StorageError."""
+
     def content(self) -> AsyncGenerator[bytes, None]:
         """What was written so far, read back before any commit (cut-through delivers from it)."""
 

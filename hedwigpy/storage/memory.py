@@ -31,6 +31,11 @@ class MemoryWriter:
             raise StorageError("simulated write failure")
         self._chunks.append(data)
 
+    async def prepend(self, data: bytes) -> None:
+        if self._done:
+            raise StorageError("writer already finished")
+        self._chunks.insert(0, data)
+
     async def content(self) -> AsyncGenerator[bytes, None]:
         yield b"".join(self._chunks)
 

@@ -185,3 +185,24 @@ async def test_delete_forgets_the_status(storage: AnyStorage) -> None:
     await writer.write(CONTENT)
     await writer.commit()
     assert await storage.load_status(stored.id) == DeliveryStatus.initial(env)
+
+
+async def test_prepend_goes_before_everything_written(storage: AnyStorage) -> None:
+    writer = storage.writer(envelope())
+    await writer.write(CONTENT[:10])
+    await writer.prepend(b"DKIM-Signature: two\r\n")
+    await writer.write(CONTENT[10:])
+    await writer.prepend(b"DKIM-Signature: one\r\n")
+    expected = b"DKIM-Signature: one\r\nDKIM-Signature: two\r\n" + CONTENT
+    assert b"".join([c async for c in writer.content()]) == expected
+    stored = await writer.commit()
+    assert stored.size == len(expected)
+    assert await read_all(storage, stored.id) == expected
+
+
+async def test_prepend_after_commit_is_an_error(storage: AnyStorage) -> None:
+    writer = storage.writer(envelope())
+    await writer.write(CONTENT)
+    await writer.commit()
+    with pytest.raises(StorageError):
+        await writer.prepend(b"X: 1\r\n")

@@ -325,3 +325,50 @@ async def test_an_unencodable_envelope_is_a_storage_error(fs: FilesystemStorage)
     with pytest.raises(StorageError, match="not encodable"):
         await writer.commit()
     assert files(fs.root / "tmp") == [] and files(fs.root / "queued") == []
+
+
+@pytest.mark.parametrize("copy_file_range", ["kernel", "unavailable"])
+async def test_prepend_to_a_message_already_on_disk(
+    fs: FilesystemStorage, monkeypatch: pytest.MonkeyPatch, copy_file_range: str
+) -> None:
+    """Past the buffer the content is in tmp/: the prefix is read back first, and commit writes one new
+    file (envelope, prefix, old content) in place of the old one, by copy_file_range or by reads."""
+    if copy_file_range == "unavailable":
+        monkeypatch.setattr(os, "copy_file_range", _failing(errno.ENOSYS))
+    content = os.urandom(3 * fs_module.BUFFER_LIMIT + 123)
+    writer = fs.writer(envelope())
+    for start in range(0, len(content), 50_000):
+        await writer.write(content[start : start + 50_000])
+    assert (fs.root / "tmp" / f"{writer.message_id}.msg").exists()
+    prefix = b"DKIM-Signature: v=1; d=example.org\r\n"
+    await writer.prepend(prefix)
+    assert b"".join([c async for c in writer.content()]) == prefix + content
+    stored = await writer.commit()
+    assert stored.size == len(prefix) + len(content)
+    assert await read_all(fs, stored.id) == prefix + content
+    assert files(fs.root / "tmp") == []
+    assert files(fs.root / "queued") == [f"{stored.id}.msg"]
+
+
+async def test_prepend_in_memory_never_touches_the_disk(fs: FilesystemStorage) -> None:
+    writer = fs.writer(envelope())
+    await writer.write(b"Subject: small\r\n\r\nbody\r\n")
+    await writer.prepend(b"DKIM-Signature: x\r\n")
+    assert files(fs.root / "tmp") == []
+    expected = b"DKIM-Signature: x\r\nSubject: small\r\n\r\nbody\r\n"
+    assert b"".join([c async for c in writer.content()]) == expected
+    await writer.abort()
+    assert files(fs.root / "tmp") == []
+
+
+async def test_prepend_rewrite_failure_leaves_nothing_in_tmp(
+    fs: FilesystemStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    writer = fs.writer(envelope())
+    await writer.write(os.urandom(2 * fs_module.BUFFER_LIMIT))
+    await writer.prepend(b"X-Prefix: 1\r\n")
+    monkeypatch.setattr(os, "copy_file_range", _failing(errno.EIO))
+    with pytest.raises(StorageError):
+        await writer.commit()
+    assert files(fs.root / "tmp") == []
+    assert files(fs.root / "queued") == []

@@ -45,6 +45,7 @@ bench-queue: $(VENV)/.test-extras
 
 bench-rest: $(VENV)/.test-extras
 	$(BIN)/python -m bench.rest
+	$(BIN)/python -m bench.rest_floor
 
 clean:
 	rm -rf $(VENV) var/ .mypy_cache .ruff_cache

@@ -62,6 +62,7 @@ SIGNED_HEADERS = (
     b"mime-version",
     b"content-type",
 )
+MAX_DOMAIN = 253  # RFC 1035: the longest domain name, in ASCII
 MIN_RSA_BITS = 1024  # RFC 8301: verifiers must not accept less
 MAX_HEADER_SECTION = 1024 * 1024  # as inbound.py: the From field is looked for in at most this much
 INLINE_LIMIT = 32 * 1024  # messages up to this size are signed on the event loop (0 = always in a thread)
@@ -236,12 +237,17 @@ class Signer:
 
     def keys_for(self, domain: str) -> tuple[SigningKey, ...]:
         """The keys of `domain`, else of its closest parent domain that has any."""
-        labels = ascii_domain(domain).split(".")
-        for i in range(len(labels)):
-            keys = self._by_domain.get(".".join(labels[i:]))
+        if len(domain) > MAX_DOMAIN:  # no such domain exists, and a huge one costs time per label
+            return ()
+        name = ascii_domain(domain)
+        while True:
+            keys = self._by_domain.get(name)
             if keys:
                 return keys
-        return ()
+            dot = name.find(".")
+            if dot < 0:
+                return ()
+            name = name[dot + 1 :]
 
     def prepare(
         self, message: bytes, keys: Sequence[SigningKey], now: float | None = None
@@ -293,8 +299,10 @@ class Signer:
                 return 0
         try:
             fields = await self._sign_async(bytes(data), keys)
-        except dkim.DKIMException as exc:
-            log.warning("not signed", id=writer.message_id, reason=f"dkimpy: {exc}")
+        except (dkim.DKIMException, IndexError, ValueError) as exc:
+            # dkimpy refuses (or, on some odd header sections, trips over) the message: it goes out
+            # unsigned, as it came, rather than not at all.
+            log.warning("not signed", id=writer.message_id, reason=f"dkimpy: {exc!r}")
             return 0
         await writer.prepend(fields)
         log.debug("signed", id=writer.message_id, d=keys[0].domain, s=[k.selector for k in keys])

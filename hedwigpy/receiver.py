@@ -14,7 +14,7 @@ import structlog
 import trio
 
 from . import auth
-from .config import Config, ListenerConfig, ListenerRole
+from .config import Config, ListenerConfig
 from .inbound import IncomingMessage, received_header
 from .policy import (
     IPAddress,
@@ -27,8 +27,8 @@ from .policy import (
 )
 from .smtp import Mailbox, Reply
 from .smtp import events as ev
-from .storage import Envelope, InsufficientSpace, MessageWriter, Storage, StorageError, new_message_id
-from .submit import Submitted
+from .storage import Envelope, InsufficientSpace, Storage, StorageError, new_message_id
+from .submit import SubmitFn, Submitted
 
 log = structlog.get_logger("hedwigpy.smtp")
 
@@ -41,7 +41,7 @@ class ReceiverContext:
     listener: ListenerConfig
     storage: Storage
     client_rate: RateLimiter
-    submit: Callable[[MessageWriter, int, ListenerRole], Awaitable[Submitted]]  # cut-through or spool
+    submit: SubmitFn  # cut-through or spool
     users: dict[str, str] = field(default_factory=dict)  # name -> password hash
     tls_available: bool = False
 
@@ -240,15 +240,20 @@ class Receiver:
             await message.abort()
             log.info("rejected", id=txn.message_id, reply=str(reply), client=self.client_addr)
             return reply
+        submitted: Submitted | None = None
         try:
-            submitted = await self.ctx.submit(message.writer, message.stored_size, self.ctx.listener.role)
+            submitted = await self.ctx.submit(
+                message.writer, message.stored_size, self.ctx.listener.role, sign=self.may_relay
+            )
         except InsufficientSpace:
-            await message.abort()
             return Reply(452, "4.3.1", "Insufficient system storage")
         except StorageError as exc:
-            await message.abort()
             log.error("spool write failed", id=txn.message_id, error=str(exc))
             return Reply(451, "4.3.0", "Error: queue file write error")
+        finally:
+            if submitted is None:  # refused, failed, or cancelled (a drain's end): keep nothing in tmp/
+                with trio.CancelScope(shield=True):
+                    await message.abort()
         if submitted.reply.is_positive:
             self.errors = 0  # Postfix counts errors "without delivering mail"
         log.info(

@@ -8,22 +8,22 @@ at start cannot change without a restart: those keys keep their old values, and 
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
 from .config import Config, ListenerConfig
 
-# Keys read once at start: (key path, how to read it from a Config).
-_RESTART_ONLY: tuple[tuple[str, Callable[[Config], Any]], ...] = (
-    ("server.spool_dir", lambda c: c.server.spool_dir),
-    ("log", lambda c: c.log),
-    ("http.addr", lambda c: c.http.addr),
-    ("dns.nameservers", lambda c: c.dns.nameservers),
-    ("delivery.max_connections_per_host", lambda c: c.delivery.max_connections_per_host),
-    ("delivery.max_messages_per_connection", lambda c: c.delivery.max_messages_per_connection),
-    ("delivery.idle_timeout", lambda c: c.delivery.idle_timeout),
-    ("webhooks", lambda c: c.webhooks),
+# Keys read once at start, as (section, field); a field of None is the whole section. One table for both
+# `restart_needed` (what to name) and `effective` (what to keep).
+_RESTART_ONLY: tuple[tuple[str, str | None], ...] = (
+    ("server", "spool_dir"),
+    ("log", None),
+    ("http", "addr"),
+    ("dns", "nameservers"),
+    ("delivery", "max_connections_per_host"),
+    ("delivery", "max_messages_per_connection"),
+    ("delivery", "idle_timeout"),
+    ("webhooks", None),
 )
 # A listener's socket: where it listens and how the connection starts.
 _LISTENER_SOCKET = ("addr", "tls", "proxy_protocol")
@@ -31,7 +31,11 @@ _LISTENER_SOCKET = ("addr", "tls", "proxy_protocol")
 
 def restart_needed(old: Config, new: Config) -> list[str]:
     """The key paths whose change needs a restart, in a stable order (empty: everything applies)."""
-    changed = [key for key, read in _RESTART_ONLY if read(old) != read(new)]
+    changed = [
+        section if field is None else f"{section}.{field}"
+        for section, field in _RESTART_ONLY
+        if _read(old, section, field) != _read(new, section, field)
+    ]
     if _names(old.listeners) != _names(new.listeners):
         return [*changed, "listeners"]
     for before, after in zip(old.listeners, new.listeners, strict=True):
@@ -48,21 +52,19 @@ def effective(old: Config, new: Config) -> Config:
     listeners = old.listeners
     if _names(old.listeners) == _names(new.listeners):
         listeners = tuple(_keep_socket(b, a) for b, a in zip(old.listeners, new.listeners, strict=True))
-    return replace(
-        new,
-        server=replace(new.server, spool_dir=old.server.spool_dir),
-        log=old.log,
-        http=replace(new.http, addr=old.http.addr),
-        dns=old.dns,
-        delivery=replace(
-            new.delivery,
-            max_connections_per_host=old.delivery.max_connections_per_host,
-            max_messages_per_connection=old.delivery.max_messages_per_connection,
-            idle_timeout=old.delivery.idle_timeout,
-        ),
-        webhooks=old.webhooks,
-        listeners=listeners,
-    )
+    kept: dict[str, Any] = {}
+    for section, field in _RESTART_ONLY:
+        if field is None:
+            kept[section] = getattr(old, section)
+        else:
+            current = kept.get(section, getattr(new, section))
+            kept[section] = replace(current, **{field: _read(old, section, field)})
+    return replace(new, **kept, listeners=listeners)
+
+
+def _read(config: Config, section: str, field: str | None) -> Any:
+    value = getattr(config, section)
+    return value if field is None else getattr(value, field)
 
 
 def _names(listeners: tuple[ListenerConfig, ...]) -> list[str]:

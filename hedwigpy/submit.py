@@ -24,7 +24,7 @@ import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol
 
 import structlog
 import trio
@@ -73,6 +73,14 @@ class Submitted:
         return "rejected" if states == {"rejected"} else "partial"
 
 
+class SubmitFn(Protocol):
+    """`Submitter.submit`, as the SMTP receiver and the REST intake hold it."""
+
+    async def __call__(
+        self, writer: MessageWriter, size: int, role: ListenerRole, *, sign: bool = True
+    ) -> Submitted: ...
+
+
 class Submitter:
     def __init__(
         self,
@@ -99,8 +107,14 @@ class Submitter:
         """A reloaded config: messages submitted from now on use its delivery and queue settings."""
         self._config = config
 
-    async def submit(self, writer: MessageWriter, size: int, role: ListenerRole) -> Submitted:
-        """Deliver or spool a complete message. Raises StorageError when it had to be kept and could not."""
+    async def submit(
+        self, writer: MessageWriter, size: int, role: ListenerRole, *, sign: bool = True
+    ) -> Submitted:
+        """Deliver or spool a complete message. Raises StorageError when it had to be kept and could not.
+
+        `sign`: DKIM-sign it (when its From domain has keys). Only for mail we send on the sender's
+        behalf - an authenticated or trusted SMTP client, or the REST API - never for mail a stranger
+        hands to an ingress listener: signing that would lend our domain's name to forged mail."""
         envelope = writer.envelope
         recipients = list(dict.fromkeys(envelope.recipients))
         if self._events is not None:  # first, so subscribers see it before any delivery event
@@ -112,7 +126,7 @@ class Submitter:
                 listener=envelope.listener,
                 size=size,
             )
-        if self.signer is not None:
+        if sign and self.signer is not None:
             size += await self.signer.sign_writer(writer)
         delivery = self._config.delivery
         if not delivery.cut_through or (self._drain is not None and self._drain.draining):

@@ -194,6 +194,8 @@ def test_keys_of_the_domain_or_its_closest_parent() -> None:
     assert signer.keys_for("a.news.example.com") == (sub,)
     assert signer.keys_for("example.org") == ()
     assert signer.keys_for("com") == ()
+    assert signer.keys_for("a." * 100 + "example.com") == (RSA, ED)  # 211 characters: a real name
+    assert signer.keys_for("a." * 50_000 + "example.com") == ()  # no such name: refused at once
 
 
 # ---- keys ----------------------------------------------------------------------------------------------
@@ -336,8 +338,14 @@ async def test_sign_writer_with_a_header_only_message() -> None:
     assert verify_all(content, dns_of(ED)) == [True]
 
 
-async def test_unparsable_header_section_is_sent_unsigned() -> None:
-    broken = b"From: a@example.com\r\nthis line is no header field\r\n\r\nbody\r\n"
+@pytest.mark.parametrize(
+    "broken",
+    [
+        b"From: a@example.com\r\nthis line is no header field\r\n\r\nbody\r\n",
+        b" From: a@example.com\r\n\r\nbody\r\n",  # dkimpy raises IndexError on a leading fold
+    ],
+)
+async def test_unparsable_header_section_is_sent_unsigned(broken: bytes) -> None:
     assert await _signed(Signer([RSA]), broken) == (0, broken)
 
 

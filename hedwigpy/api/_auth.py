@@ -113,18 +113,20 @@ class ApiAuth:
         for known, known_name in self._verified.items():
             if hmac.compare_digest(known, digest):
                 return known_name
+        keys, verified = self._keys, self._verified  # as they are now: a reload may replace both
         async with self._limiter:
-            name = await run_sync(self._verify, token)
-        if name is not None:
-            self._verified[digest] = name
-        return name
+            name = await run_sync(_verify, keys, token)
+        if name is not None and verified is self._verified:  # a key a reload removed is not remembered
+            verified[digest] = name
+        return name if keys is self._keys else await self.key_name(token)
 
-    def _verify(self, token: str) -> str | None:
-        found: str | None = None
-        for key in self._keys:  # every key, so the time taken does not tell which one matched
-            if verify_password(token, key.key_hash) and found is None:
-                found = key.name
-        return found
+
+def _verify(keys: Sequence[ApiKeyConfig], token: str) -> str | None:
+    found: str | None = None
+    for key in keys:  # every key, so the time taken does not tell which one matched
+        if verify_password(token, key.key_hash) and found is None:
+            found = key.name
+    return found
 
 
 def _bearer_token(authorization: str | None) -> str | None:

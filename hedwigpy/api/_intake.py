@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Awaitable, Callable, Sequence, Set
+from collections.abc import Sequence, Set
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Literal
@@ -22,12 +22,12 @@ import structlog
 import trio
 
 from .._offload import run_sync
-from ..config import Config, ListenerRole
+from ..config import Config
 from ..inbound import IncomingMessage, received_header
 from ..policy import RateLimiter, filter_allows
 from ..smtp import Reply
-from ..storage import Envelope, InsufficientSpace, MessageWriter, Storage, StorageError, new_message_id
-from ..submit import RecipientOutcome, Submitted
+from ..storage import Envelope, InsufficientSpace, Storage, StorageError, new_message_id
+from ..submit import RecipientOutcome, SubmitFn, Submitted
 from . import _views as views
 from ._compose import parse_structured
 from ._idempotency import Claim, IdempotencyStore, idempotent
@@ -35,7 +35,6 @@ from ._request import FieldError, RequestProblem, Submission, is_structured, loa
 
 log = structlog.get_logger("hedwigpy.http")
 
-SubmitFn = Callable[[MessageWriter, int, ListenerRole], Awaitable[Submitted]]
 
 LISTENER = "http"  # the envelope's listener name for REST messages (routes may match it)
 BODY_SLACK = 1 << 20  # JSON around the base64: keys, recipients, escapes

@@ -24,11 +24,12 @@ from ..events import EventBus
 from ..metrics import MetricsCollector
 from ..policy import RateLimiter
 from ..storage import Storage
+from ..submit import SubmitFn
 from ..worker.control import QueueControl
 from ._auth import ApiAuth
 from ._idempotency import DIRECTORY as IDEMPOTENCY_DIR
 from ._idempotency import IdempotencyStore
-from ._intake import MessageIntake, SubmitFn
+from ._intake import MessageIntake
 from .app import create_app
 
 log = structlog.get_logger("hedwigpy.http")

@@ -94,7 +94,12 @@ async def handle_connection(
     drain: Drain | None = None,
 ) -> None:
     """One connection, from accept to close. Errors end this connection only, and are logged."""
-    peer = raw.socket.getpeername()
+    try:
+        peer = raw.socket.getpeername()
+    except OSError as exc:  # reset between accept() and here (ENOTCONN): nothing to serve
+        log.info("connection lost before it was served", error=str(exc))
+        await raw.aclose()
+        return
     # trio binds IPv6 sockets V6ONLY, so a mapped address only comes from a PROXY header, but the
     # client is named the same way (its IPv4 address) on every path: limits, logs and policy.
     ip_text, port = _client_ip(str(peer[0])), int(peer[1])
@@ -106,6 +111,9 @@ async def handle_connection(
         async with raw:
             stream: trio.abc.Stream = raw
             if ctx.listener.proxy_protocol:
+                if limits.total > limits.max_total:  # silent connections must not pile up unbounded
+                    log.warning("connection refused", client=client_addr, reason="too many connections")
+                    return
                 # Before any byte of ours: the balancer speaks first (spec section 2).
                 try:
                     timeout = min(ctx.config.limits.command_timeout, HEADER_TIMEOUT)
@@ -228,8 +236,9 @@ class _Session:
             else:
                 deadline = trio.current_time() + self.limits.command_timeout
         await self._flush()
-        if self.drain.draining and isinstance(self.stream, trio.SocketStream):
-            await _linger(self.stream)
+        plain = self.stream.inner if isinstance(self.stream, PrefixedStream) else self.stream
+        if self.drain.draining and isinstance(plain, trio.SocketStream):
+            await _linger(plain)
 
     def _shutting_down(self) -> None:
         reply = Reply(421, "4.3.2", f"{self.receiver.ctx.hostname} Service shutting down")

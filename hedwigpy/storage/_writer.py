@@ -122,7 +122,16 @@ class FilesystemWriter:
         await self._run(self._commit_sync, chunk)
         self._done = True
         storage = self._storage
-        await storage.syncers[State.QUEUED].sync()
+        try:
+            # The file is in queued/ now: finish filing it even if cancelled meanwhile (else it would sit
+            # there unindexed and be delivered after a restart although its sender never got a 250).
+            with trio.CancelScope(shield=True):
+                await storage.syncers[State.QUEUED].sync()
+        except StorageError:
+            # The sender hears 451 and sends again: this copy must not be delivered as well.
+            with trio.CancelScope(shield=True):
+                await run_sync(unlink_quietly, storage.path(self.message_id, State.QUEUED))
+            raise
         storage.index[self.message_id] = State.QUEUED
         if whole:
             storage.remember_fresh(self.message_id, chunk)
@@ -217,17 +226,17 @@ def _copy_range(src: int, dst: int, offset: int, count: int) -> None:
     try:
         while count > 0:
             n = os.copy_file_range(src, dst, count, offset)
-            if n == 0:
-                raise OSError(errno.EIO, "spool file shorter than written")
+            if n == 0:  # some filesystems answer 0 instead of an error: the reads below decide
+                break
             offset += n
             count -= n
     except OSError as exc:
         if exc.errno not in (errno.ENOSYS, errno.EXDEV, errno.EINVAL, errno.EOPNOTSUPP):
             raise
-        while count > 0:  # copy_file_range is not available here: plain reads and writes
-            chunk = os.pread(src, min(count, READ_CHUNK), offset)
-            if not chunk:
-                raise OSError(errno.EIO, "spool file shorter than written") from None
-            write_all(dst, chunk)
-            offset += len(chunk)
-            count -= len(chunk)
+    while count > 0:  # copy_file_range is not available here (or stopped short): plain reads and writes
+        chunk = os.pread(src, min(count, READ_CHUNK), offset)
+        if not chunk:
+            raise OSError(errno.EIO, "spool file shorter than written")
+        write_all(dst, chunk)
+        offset += len(chunk)
+        count -= len(chunk)

@@ -165,6 +165,11 @@ class FilesystemStorage:
 
     # -- reading -------------------------------------------------------------------------------------
 
+    def _index_snapshot(self) -> tuple[tuple[str, State], ...]:
+        """The index's entries, copied in one step: worker threads (a load finding a file gone, a
+        quarantine) may change the dict while the event loop walks it."""
+        return tuple(self.index.items())
+
     def path(self, message_id: str, state: State) -> Path:
         return self.root / state.value / f"{message_id}.msg"
 
@@ -178,7 +183,7 @@ class FilesystemStorage:
         return await run_sync(self._load_sync, message_id, state)
 
     async def list(self, state: State) -> list[StoredMessage]:
-        ids = sorted(i for i, s in self.index.items() if s is state)
+        ids = sorted(i for i, s in self._index_snapshot() if s is state)
 
         def load_all() -> list[StoredMessage]:
             loaded = []
@@ -445,7 +450,7 @@ class FilesystemStorage:
             raise storage_error(exc, f"scheduling {message_id}") from exc
 
     async def due_times(self, state: State) -> DueTimes:
-        wanted = {i for i, s in self.index.items() if s is state}
+        wanted = {i for i, s in self._index_snapshot() if s is state}
 
         def scan() -> list[tuple[str, float]]:
             found = []
@@ -465,6 +470,6 @@ class FilesystemStorage:
 
     def statistics(self) -> dict[str, int]:
         counts = dict.fromkeys((s.value for s in State), 0)
-        for state in self.index.values():
+        for _, state in self._index_snapshot():
             counts[state.value] += 1
         return counts

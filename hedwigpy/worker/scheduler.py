@@ -171,8 +171,8 @@ class Scheduler:
 
     async def _sweep_bounced(self) -> None:
         """Remove bounced messages past `bounced_retention` (their mtime is when they bounced)."""
-        retention = self._config.queue.bounced_retention
         while True:
+            retention = self._config.queue.bounced_retention  # each round: a reload may change it
             now = self._clock()
             try:
                 for message_id, since in await self._storage.due_times(State.BOUNCED):

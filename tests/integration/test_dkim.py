@@ -296,3 +296,14 @@ def test_sighup_adds_a_key_and_refuses_a_key_that_no_longer_loads(
     smtp_send(d, message("still"), ["ann@example.net"])
     assert verify_all(received(mx, "still").content, dns_lookup(dns)) == [True]
     assert d.stop() == 0
+
+
+def test_mail_from_a_client_without_relay_rights_is_not_signed(
+    launch: Launch, config: dict[str, Any], dns: DnsServer, mx: Upstream
+) -> None:
+    """An ingress listener takes mail for its local domains from anyone: a stranger's message claiming
+    our From domain must not leave with our signature (that would launder forged mail past DMARC)."""
+    config["listeners"][0].update(role="ingress", trusted_networks=[], local_domains=["example.net"])
+    d = launch(["rsa"], cut_through=True)
+    smtp_send(d, message("from a stranger"), ["ann@example.net"])
+    assert b"DKIM-Signature:" not in received(mx, "from a stranger").content

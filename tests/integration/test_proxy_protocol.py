@@ -186,6 +186,26 @@ def test_a_header_that_never_comes_times_out(
     assert "in time" in d.log_events()[-1]["error"]
 
 
+def test_connections_waiting_for_their_header_are_bounded(
+    tmp_path: Path, config: dict[str, Any], daemon_factory: type[Daemon]
+) -> None:
+    """max_connections holds before the header: silent connections cannot pile up past it (each would
+    hold a file descriptor for the header timeout)."""
+    config["limits"] = {"max_connections": 2}
+    d = daemon_factory(tmp_path, proxied(config))
+    d.start()
+    silent = [socket.create_connection(("127.0.0.1", d.port()), timeout=8) for _ in range(2)]
+    try:
+        time.sleep(0.3)  # both accepted and waiting for their header
+        with socket.create_connection(("127.0.0.1", d.port()), timeout=8) as third:
+            assert third.recv(4096) == b""  # closed at once, long before the 10 s header timeout
+        refused = [e for e in d.log_events() if e.get("event") == "connection refused"]
+        assert refused and refused[-1]["reason"] == "too many connections"
+    finally:
+        for s in silent:
+            s.close()
+
+
 def test_per_ip_limits_count_the_proxied_client(
     tmp_path: Path, config: dict[str, Any], daemon_factory: type[Daemon]
 ) -> None:

@@ -327,7 +327,7 @@ async def test_an_unencodable_envelope_is_a_storage_error(fs: FilesystemStorage)
     assert files(fs.root / "tmp") == [] and files(fs.root / "queued") == []
 
 
-@pytest.mark.parametrize("copy_file_range", ["kernel", "unavailable"])
+@pytest.mark.parametrize("copy_file_range", ["kernel", "unavailable", "answers 0"])
 async def test_prepend_to_a_message_already_on_disk(
     fs: FilesystemStorage, monkeypatch: pytest.MonkeyPatch, copy_file_range: str
 ) -> None:
@@ -335,6 +335,8 @@ async def test_prepend_to_a_message_already_on_disk(
     file (envelope, prefix, old content) in place of the old one, by copy_file_range or by reads."""
     if copy_file_range == "unavailable":
         monkeypatch.setattr(os, "copy_file_range", _failing(errno.ENOSYS))
+    elif copy_file_range == "answers 0":  # as some filesystems do instead of an error
+        monkeypatch.setattr(os, "copy_file_range", lambda *args: 0)
     content = os.urandom(3 * fs_module.BUFFER_LIMIT + 123)
     writer = fs.writer(envelope())
     for start in range(0, len(content), 50_000):
@@ -372,3 +374,35 @@ async def test_prepend_rewrite_failure_leaves_nothing_in_tmp(
         await writer.commit()
     assert files(fs.root / "tmp") == []
     assert files(fs.root / "queued") == []
+
+
+async def test_a_failed_directory_sync_takes_the_message_back(
+    fs: FilesystemStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The file was renamed into queued/ but the directory fsync failed: the sender hears 451 and sends
+    again, so this copy is removed (not left to be delivered after a restart as well)."""
+    monkeypatch.setattr("hedwigpy.storage._dirsync.fsync_dir", _failing(errno.EIO))
+    with pytest.raises(StorageError, match="fsync"):
+        await store(fs, CONTENT)
+    assert files(fs.root / "queued") == [] and files(fs.root / "tmp") == []
+    assert fs.index == {}
+
+
+async def test_a_commit_cancelled_during_the_directory_sync_still_files_the_message(
+    fs: FilesystemStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once the file is in queued/, a cancellation (a drain's end) cannot leave it there unindexed."""
+    syncer = fs.syncers[State.QUEUED]
+    real_sync = syncer.sync
+    writer = fs.writer(envelope())
+    await writer.write(CONTENT)
+    with trio.CancelScope() as scope:
+
+        async def cancelled_meanwhile() -> None:
+            scope.cancel()
+            await real_sync()
+
+        monkeypatch.setattr(syncer, "sync", cancelled_meanwhile)
+        stored = await writer.commit()
+    assert fs.index[stored.id] is State.QUEUED
+    assert files(fs.root / "queued") == [f"{stored.id}.msg"]

@@ -170,8 +170,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     print(f"wrote the {what} for {selector}._domainkey.{domain} to {out} (mode 0600)", file=sys.stderr)
     if new_config is not None:
         try:
-            mode = args.config.stat().st_mode & 0o7777
-            _write_atomically(args.config, new_config.encode("utf-8"), mode, replace=True)
+            target = args.config.resolve()  # a symlinked config stays a symlink: its target is updated
+            mode = target.stat().st_mode & 0o7777
+            _write_atomically(target, new_config.encode("utf-8"), mode, replace=True)
         except OSError as exc:
             print(f"hedwigpy dkim generate: cannot update {args.config}: {exc}", file=sys.stderr)
             return 1

@@ -147,6 +147,19 @@ def test_config_gets_the_entry_and_keeps_everything_else(
         outside.unlink(missing_ok=True)
 
 
+def test_a_symlinked_config_stays_a_symlink(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Operators often link /etc/hedwigpy/hedwig.toml to a file kept elsewhere: the target is updated."""
+    (tmp_path / "real").mkdir()
+    target = tmp_path / "real" / "hedwig.toml"
+    target.write_text(CONFIG_TEXT)
+    link = tmp_path / "hedwig.toml"
+    link.symlink_to(target)
+    out = tmp_path / "k.pem"
+    code, _, err = run(capsys, "--domain", "example.com", "--selector", "s", "--out", out, "--config", link)
+    assert code == 0, err
+    assert link.is_symlink() and "[[dkim.keys]]" in target.read_text()
+
+
 def test_config_from_another_directory(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

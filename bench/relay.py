@@ -43,7 +43,7 @@ from .postfix_peer import (
     wait_until,
 )
 from .relay_report import MODES, Options, Row, default_out, render, runs_table
-from .report import MIB, loadavg, num, run_interruptibly
+from .report import MIB, loadavg, num, publish, run_interruptibly
 from .smtp_load import LoadConfig, LoadResult, percentile, run_load_sync
 
 QUEUE_SETTLE_S = 5.0
@@ -348,15 +348,7 @@ def _main(opts: Options, args: argparse.Namespace) -> int:
     if not rows:
         print("nothing measured", file=sys.stderr)
         return 1
-    report = render(opts, rows, pf_version)
-    if errors:
-        report += "\nErrors:\n\n" + "\n".join(f"- {e.splitlines()[0]}" for e in errors) + "\n"
-    print()
-    print(report)
-    out: Path = args.out or default_out(opts.mode, opts.size, opts.dkim)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(report)
-    print(f"written to {out}")
+    publish(render(opts, rows, pf_version), args.out or default_out(opts.mode, opts.size, opts.dkim), errors)
     incomplete = any(r.failed or r.delivered < r.accepted for r in rows)
     return 1 if errors or incomplete else 0
 

@@ -100,3 +100,15 @@ def run_interruptibly(body: Callable[[], int]) -> int:
             raise
     print("interrupted; every started process was stopped", file=sys.stderr)
     return 130
+
+
+def publish(report: str, out: str | Path, errors: Sequence[str] = ()) -> None:
+    """Print the report (with the first line of each error appended) and write it to `out`."""
+    if errors:
+        report += "\nErrors:\n\n" + "\n".join(f"- {e.splitlines()[0]}" for e in errors) + "\n"
+    print()
+    print(report)
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(report)
+    print(f"written to {path}")

@@ -25,7 +25,7 @@ import trio
 from .count_sink import CountingSink
 from .hedwig_peer import REPO, HedwigDaemon
 from .postfix_peer import pick_port
-from .report import machine_line, markdown_table, median, num, run_interruptibly
+from .report import machine_line, markdown_table, median, num, publish, run_interruptibly
 from .smtp_load import percentile
 
 RESULTS = REPO / "bench" / "results" / "rest.md"
@@ -212,11 +212,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"run {repeat}/{opts.repeat}", flush=True)
             for mode in modes:
                 runs.append(one_run(opts, mode, repeat))
-        text = render(opts, runs)
-        print(text)
-        with open(opts.out, "w") as f:
-            f.write(text)
-        print(f"written to {opts.out}")
+        publish(render(opts, runs), opts.out)
         return 0 if all(r.failed == 0 for r in runs) else 1
 
     return run_interruptibly(body)

@@ -22,7 +22,7 @@ import trio
 
 from .hedwig_peer import REPO
 from .postfix_peer import pick_port
-from .report import machine_line, markdown_table, median, num
+from .report import machine_line, markdown_table, median, num, publish
 from .rest import Run, load
 from .smtp_load import percentile
 
@@ -143,11 +143,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for repeat in range(1, opts.repeat + 1):
         print(f"run {repeat}/{opts.repeat}", flush=True)
         runs.append(one_run(opts, repeat))
-    text = render(opts, runs)
-    with open(opts.out, "w") as f:
-        f.write(text)
-    print(text)
-    print(f"written to {opts.out}")
+    publish(render(opts, runs), opts.out)
     return 0
 
 

@@ -45,6 +45,7 @@ from .report import (
     markdown_table,
     median,
     num,
+    publish,
     ratio,
     run_interruptibly,
 )
@@ -489,15 +490,7 @@ def _main(opts: Options, args: argparse.Namespace) -> int:
     if not rows:
         print("nothing measured", file=sys.stderr)
         return 1
-    report = render(opts, rows, pf_version)
-    if errors:
-        report += "\nErrors:\n\n" + "\n".join(f"- {e.splitlines()[0]}" for e in errors) + "\n"
-    print()
-    print(report)
-    out: Path = args.out or default_out(opts.size)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(report)
-    print(f"written to {out}")
+    publish(render(opts, rows, pf_version), args.out or default_out(opts.size), errors)
     return 1 if errors or any(r.failed for r in rows) else 0
 
 

@@ -247,27 +247,23 @@ def _print_json(doc: Json) -> None:
 
 def _cmd_list(args: argparse.Namespace) -> None:
     query = {"details": "true"} | ({"state": args.state} if args.state else {})
-    listing = client_for(args).call("GET", f"/v1/queue?{urlencode(query)}")
-    if args.json:
-        _print_json(listing)
-    else:
-        print(format_queue(listing))
+    _print(args, client_for(args).call("GET", f"/v1/queue?{urlencode(query)}"), format_queue)
 
 
 def _cmd_show(args: argparse.Namespace) -> None:
-    doc = client_for(args).call("GET", f"/v1/messages/{quote(args.id, safe='')}")
-    if args.json:
-        _print_json(doc)
-    else:
-        print(format_message(doc))
+    _print(args, client_for(args).call("GET", f"/v1/messages/{quote(args.id, safe='')}"), format_message)
 
 
 def _cmd_stats(args: argparse.Namespace) -> None:
-    stats = client_for(args).call("GET", "/v1/queue/stats")
+    _print(args, client_for(args).call("GET", "/v1/queue/stats"), format_stats)
+
+
+def _print(args: argparse.Namespace, doc: dict[str, Any], formatter: Callable[[dict[str, Any]], str]) -> None:
+    """The API's answer as JSON (--json, for scripts) or as the formatter lays it out for people."""
     if args.json:
-        _print_json(stats)
+        _print_json(doc)
     else:
-        print(format_stats(stats))
+        print(formatter(doc))
 
 
 def _cmd_flush(args: argparse.Namespace) -> None:

@@ -32,6 +32,7 @@ from ._request import (
     NamedAddress,
     Submission,
     decode_base64,
+    encodable,
     has_long_line,
     invalid,
     named_address,
@@ -157,12 +158,7 @@ def _body(doc: dict[str, Any], name: str, errors: list[FieldError]) -> str | Non
     if "\0" in value:
         errors.append(FieldError(name, "must not contain NUL"))
         return None
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        errors.append(FieldError(name, "is not valid Unicode (a lone surrogate)"))
-        return None
-    return value
+    return value if encodable(value, name, errors) else None
 
 
 def _headers(doc: dict[str, Any], errors: list[FieldError]) -> dict[str, str]:

@@ -208,6 +208,11 @@ def plain_text(value: str, name: str, errors: list[FieldError], *, allow: str = 
     if found:
         errors.append(FieldError(name, "must not contain CR, LF, NUL or other control characters"))
         return False
+    return encodable(value, name, errors)
+
+
+def encodable(value: str, name: str, errors: list[FieldError]) -> bool:
+    """True when `value` encodes as UTF-8 (JSON can carry lone surrogates, a message cannot)."""
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:

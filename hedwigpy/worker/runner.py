@@ -187,27 +187,16 @@ def log_results(
         state = recorded.state if recorded is not None else "pending"  # an expired recipient has failed
         event = "deferred" if state == "pending" else state
         reply = result.reply
-        extra = {"next_attempt": next_attempt} if event == "deferred" and next_attempt is not None else {}
-        log.info(
-            event,
-            id=message_id,
-            recipient=result.recipient,
-            attempt=recorded.attempts if recorded is not None else 0,
-            host=result.host,
-            code=reply.code,
-            enhanced=reply.enhanced,
-            text=reply.text,
-            **extra,
-        )
+        fields: dict[str, object] = {
+            "recipient": result.recipient,
+            "attempt": recorded.attempts if recorded is not None else 0,
+            "host": result.host,
+            "code": reply.code,
+            "enhanced": reply.enhanced,
+            "text": reply.text,
+        }
+        if event == "deferred" and next_attempt is not None:
+            fields["next_attempt"] = next_attempt
+        log.info(event, id=message_id, **fields)  # the log line and the event say the same
         if events is not None:
-            events.publish(
-                _EVENT_TYPES[event],
-                message_id,
-                recipient=result.recipient,
-                attempt=recorded.attempts if recorded is not None else 0,
-                host=result.host,
-                code=reply.code,
-                enhanced=reply.enhanced,
-                text=reply.text,
-                **extra,
-            )
+            events.publish(_EVENT_TYPES[event], message_id, **fields)
